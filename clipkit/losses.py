@@ -1,0 +1,274 @@
+"""Contrastive losses: symmetric InfoNCE (CLIP) with an optional memory-efficient chunked path, and SigLIP.
+
+CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) trains with a symmetric cross-entropy over the B x B
+image-text similarity matrix. Across ranks clipkit uses open_clip's "local loss" formulation: every rank gathers all
+features (with gradient) and computes its own B rows against all W*B columns, so no rank builds the W*B x W*B matrix.
+`ContrastiveLoss()` is numerically open_clip's `ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)`.
+
+`ContrastiveLoss(chunk_size=K)` additionally never materialises the B x B (or B x W*B) logits: a custom autograd
+Function walks over K rows at a time, keeps only O(B) logsumexp statistics, and recomputes each chunk of logits in
+backward to form softmax - onehot chunk by chunk (the recompute-instead-of-store idea of FlashAttention, Dao et al.
+2022, applied to the contrastive loss as in "Inf-CL", Cheng et al. 2024, https://arxiv.org/abs/2410.17243).
+Peak extra memory drops from O(B^2) to O(K*B); see BENCHMARKS.md "Loss memory". RECOMMENDED_CHUNK_SIZE is the default
+to use for training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import SigLipLoss as _OpenClipSigLipLoss
+from torch import nn
+
+from clipkit.distributed import gather_features, rank_world
+
+# Measured on CPU float32, D=512, B=4096..16384 (bench/loss_memory.py): big enough for efficient matmuls, small enough
+# that the two [K, B] chunk buffers stay a few percent of open_clip's B x B peak.
+RECOMMENDED_CHUNK_SIZE = 1024
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Softmax statistics are accumulated in at least float32 (like FlashAttention does for bf16 matmuls): summing
+    # thousands of exp() terms in bf16/fp16 would lose the loss to rounding.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[k, D] x [N, D] -> [k, N] logits in the statistics dtype.
+
+    The scale is folded into the k x D operand (cheaper than scaling k x N) which is also exactly how open_clip
+    evaluates `logit_scale * image_features @ text_features.T` (left to right), so the roundings match.
+    """
+    logits = torch.mm(rows * scale.to(rows.dtype), cols.T)
+    return logits.to(_stats_dtype(rows.dtype))
+
+
+def _backprop_chunk(
+    grad_logits: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    grad_rows_out: torch.Tensor,
+    grad_cols_unscaled: torch.Tensor,
+) -> torch.Tensor:
+    """Backward of one [k, N] chunk `logits = scale * rows @ cols.T`, given G = d loss / d logits ([k, N]).
+
+    Writes d/d rows = scale * G @ cols into grad_rows_out ([k, D]), adds G.T @ rows into grad_cols_unscaled ([N, D];
+    the caller multiplies by scale once at the end) and returns this chunk's d/d scale = sum(G * rows @ cols.T)
+    = sum((G @ cols) * rows), which reuses the G @ cols product: no extra [k, N] elementwise pass.
+    """
+    grad_rows_unscaled = torch.mm(grad_logits, cols)
+    torch.mul(grad_rows_unscaled, scale.to(rows.dtype), out=grad_rows_out)
+    grad_cols_unscaled.addmm_(grad_logits.T, rows)
+    return (grad_rows_unscaled * rows).sum(dtype=_stats_dtype(rows.dtype))
+
+
+class _SymmetricInfoNCEChunked(torch.autograd.Function):
+    """Single process: both InfoNCE directions from ONE pass of chunked matmuls.
+
+    Rows and columns are the same set of B pairs, so the image->text direction is a row-wise logsumexp and the
+    text->image direction a column-wise one over the same logits: rows are reduced per chunk, columns with a streaming
+    (online) logsumexp. Forward: 1 B x B x D matmul; backward: recompute + 2 gradient matmuls. open_clip needs 6.
+    """
+
+    @staticmethod
+    def forward(ctx, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, chunk_size: int):
+        batch = image.shape[0]
+        scale = logit_scale.reshape(())
+        stats_dtype = _stats_dtype(image.dtype)
+        row_lse = torch.empty(batch, dtype=stats_dtype, device=image.device)
+        positives = torch.empty(batch, dtype=stats_dtype, device=image.device)
+        col_max = torch.full((batch,), float("-inf"), dtype=stats_dtype, device=image.device)
+        col_sum = torch.zeros(batch, dtype=stats_dtype, device=image.device)
+        for start in range(0, batch, chunk_size):
+            stop = min(start + chunk_size, batch)
+            logits = _chunk_logits(image[start:stop], text, scale)  # [k, B]
+            # The diagonal of the full matrix: pair i's positive logit, taken from the same numbers the lse sees.
+            positives[start:stop] = logits.diagonal(offset=start)
+            row_max = logits.amax(dim=1, keepdim=True)
+            row_lse[start:stop] = torch.sub(logits, row_max).exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
+            # Online logsumexp over columns: rescale the running sum to the new running max before adding the chunk.
+            new_max = torch.maximum(col_max, logits.amax(dim=0))
+            col_sum.mul_(torch.exp(col_max - new_max)).add_(logits.sub_(new_max).exp_().sum(dim=0))
+            col_max = new_max
+        col_lse = col_sum.log_().add_(col_max)
+        loss = 0.5 * ((row_lse - positives).mean() + (col_lse - positives).mean())
+        ctx.chunk_size = chunk_size
+        # Only O(B) statistics beyond the features themselves (which autograd keeps alive anyway).
+        ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
+        batch, chunk_size = image.shape[0], ctx.chunk_size
+        scale = logit_scale.reshape(())
+        # d loss / d logits = 0.5/B * (softmax_rows + softmax_cols - 2 * I), times the incoming scalar gradient.
+        coef = grad_loss.to(row_lse.dtype) * (0.5 / batch)
+        grad_image = torch.empty_like(image)
+        grad_text_unscaled = torch.zeros_like(text)
+        grad_scale = torch.zeros((), dtype=row_lse.dtype, device=image.device)
+        for start in range(0, batch, chunk_size):
+            stop = min(start + chunk_size, batch)
+            logits = _chunk_logits(image[start:stop], text, scale)
+            probs_rows = torch.sub(logits, row_lse[start:stop, None]).exp_()
+            grad_logits = logits.sub_(col_lse).exp_().add_(probs_rows)
+            grad_logits.diagonal(offset=start).sub_(2.0)
+            grad_logits = grad_logits.mul_(coef).to(image.dtype)
+            grad_scale += _backprop_chunk(
+                grad_logits, image[start:stop], text, scale, grad_image[start:stop], grad_text_unscaled
+            )
+        grad_text = grad_text_unscaled.mul_(scale.to(text.dtype))
+        return grad_image, grad_text, grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None
+
+
+class _InfoNCERowsChunked(torch.autograd.Function):
+    """One InfoNCE direction, chunked over rows: mean_i [lse_j(s * rows_i . cols_j) - s * rows_i . cols_{offset+i}].
+
+    rows: [B, D] local features, cols: [N, D] gathered features of the other modality, offset: where this rank's
+    pairs sit in cols (rank * B). Used per direction when rows and columns are different sets (multi-rank).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor, offset: int, chunk_size: int):
+        batch = rows.shape[0]
+        scale = logit_scale.reshape(())
+        stats_dtype = _stats_dtype(rows.dtype)
+        lse = torch.empty(batch, dtype=stats_dtype, device=rows.device)
+        positives = torch.empty(batch, dtype=stats_dtype, device=rows.device)
+        for start in range(0, batch, chunk_size):
+            stop = min(start + chunk_size, batch)
+            logits = _chunk_logits(rows[start:stop], cols, scale)  # [k, N]
+            positives[start:stop] = logits.diagonal(offset=offset + start)
+            row_max = logits.amax(dim=1, keepdim=True)
+            lse[start:stop] = logits.sub_(row_max).exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
+        ctx.offset, ctx.chunk_size = offset, chunk_size
+        ctx.save_for_backward(rows, cols, logit_scale, lse)
+        return (lse - positives).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        rows, cols, logit_scale, lse = ctx.saved_tensors
+        batch, offset, chunk_size = rows.shape[0], ctx.offset, ctx.chunk_size
+        scale = logit_scale.reshape(())
+        coef = grad_loss.to(lse.dtype) / batch
+        grad_rows = torch.empty_like(rows)
+        grad_cols_unscaled = torch.zeros_like(cols)
+        grad_scale = torch.zeros((), dtype=lse.dtype, device=rows.device)
+        for start in range(0, batch, chunk_size):
+            stop = min(start + chunk_size, batch)
+            grad_logits = _chunk_logits(rows[start:stop], cols, scale).sub_(lse[start:stop, None]).exp_()
+            grad_logits.diagonal(offset=offset + start).sub_(1.0)  # softmax - onehot
+            grad_logits = grad_logits.mul_(coef).to(rows.dtype)
+            grad_scale += _backprop_chunk(
+                grad_logits, rows[start:stop], cols, scale, grad_rows[start:stop], grad_cols_unscaled
+            )
+        grad_cols = grad_cols_unscaled.mul_(scale.to(cols.dtype))
+        return grad_rows, grad_cols, grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None, None
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE over image-text pairs, open_clip's ClipLoss(local_loss=True, gather_with_grad=True).
+
+    chunk_size: None computes the plain B x (W*B) logits (fastest for small B); an int K streams K rows at a time and
+    never holds more than a [K, B] (or [K, W*B]) block, in forward or backward. RECOMMENDED_CHUNK_SIZE is the
+    training default. Both paths give the same loss and gradients (tests/test_losses.py).
+    """
+
+    def __init__(self, chunk_size: int | None = None):
+        super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss of this rank's pairs.
+
+        image_features, text_features: [B, D] float (float32/bf16/fp16/float64), L2-normalised by the model; the same
+            B on every rank. Row i of each is pair i.
+        logit_scale: 1-element or 0-dim float tensor, the already-exponentiated temperature (model.logit_scale.exp()).
+        Returns a 0-dim tensor in the statistics dtype (float32, or float64 for float64 inputs). Averaging it over
+        ranks gives the loss of the global W*B batch.
+        """
+        if image_features.shape != text_features.shape or image_features.ndim != 2:
+            raise ValueError(
+                f"expected image and text features of the same [B, D] shape, got {tuple(image_features.shape)} "
+                f"and {tuple(text_features.shape)}"
+            )
+        if logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must have one element, got shape {tuple(logit_scale.shape)}")
+        dtype = torch.promote_types(image_features.dtype, text_features.dtype)
+        image, text = image_features.to(dtype), text_features.to(dtype)
+        rank, world = rank_world()
+        # Autocast off: the chunked Functions pick their own precision (matmuls in the feature dtype, statistics in
+        # >= float32), and the plain path must match it.
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            if world == 1:
+                return self._single_process(image, text, logit_scale)
+            return self._multi_rank(image, text, logit_scale, rank)
+
+    def _single_process(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        if self.chunk_size is not None:
+            return _SymmetricInfoNCEChunked.apply(image, text, logit_scale, self.chunk_size)
+        logits = _chunk_logits(image, text, logit_scale.reshape(()))
+        labels = torch.arange(image.shape[0], device=image.device)
+        # The text->image logits are the transpose: one matmul instead of open_clip's two.
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+    def _multi_rank(
+        self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, rank: int
+    ) -> torch.Tensor:
+        all_image, all_text = gather_features(image), gather_features(text)
+        offset = rank * image.shape[0]
+        if self.chunk_size is not None:
+            image_to_text = _InfoNCERowsChunked.apply(image, all_text, logit_scale, offset, self.chunk_size)
+            text_to_image = _InfoNCERowsChunked.apply(text, all_image, logit_scale, offset, self.chunk_size)
+            return 0.5 * (image_to_text + text_to_image)
+        scale = logit_scale.reshape(())
+        labels = torch.arange(offset, offset + image.shape[0], device=image.device)
+        return 0.5 * (
+            F.cross_entropy(_chunk_logits(image, all_text, scale), labels)
+            + F.cross_entropy(_chunk_logits(text, all_image, scale), labels)
+        )
+
+
+class SigLipLoss(nn.Module):
+    """Sigmoid pairwise loss (SigLIP, Zhai et al. 2023, https://arxiv.org/abs/2303.15343): open_clip's SigLipLoss.
+
+    A thin wrapper so training code does not pass rank/world_size: they are read from torch.distributed at every call
+    (so constructing the loss before init_process_group is fine). Cross-rank text features travel by open_clip's
+    neighbour exchange (`dist_impl`, default 'bidir'), with gradient.
+    """
+
+    def __init__(self, dist_impl: str | None = None):
+        super().__init__()
+        self.loss = _OpenClipSigLipLoss(dist_impl=dist_impl)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """image_features, text_features: [B, D] float, L2-normalised, same B on every rank; logit_scale (already
+        exponentiated) and logit_bias: 1-element or 0-dim float tensors. Returns a 0-dim tensor: this rank's loss,
+        summed over its B x (W*B) pairs and divided by B, as in the paper."""
+        self.loss.rank, self.loss.world_size = rank_world()
+        return self.loss(image_features, text_features, logit_scale, logit_bias)
+
+
+LOSS_NAMES = ("clip", "siglip")
+
+
+def build_loss(name: str, chunk_size: int | None = None) -> nn.Module:
+    """The loss for a model family: "clip" -> ContrastiveLoss(chunk_size), "siglip" -> SigLipLoss()."""
+    if name == "clip":
+        return ContrastiveLoss(chunk_size=chunk_size)
+    if name == "siglip":
+        if chunk_size is not None:
+            raise ValueError("chunk_size applies to the 'clip' loss only; SigLIP's open_clip loss is not chunked")
+        return SigLipLoss()
+    raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")
