@@ -38,6 +38,8 @@ class TrainConfig:
     batch_size: int = _f(64, "batch size per process (per micro-step)")
     grad_accum: int = _f(1, "micro-steps per optimizer step; negatives span the whole accumulated batch")
     steps: int = _f(100, "optimizer steps to train in total")
+    stop_at: Optional[int] = _f(None, "stop after this step with a checkpoint (the schedule still spans --steps); "
+                                      "for time-limited jobs, continued with --resume auto")
     lr: float = _f(5e-4, "peak learning rate")
     wd: float = _f(0.2, "AdamW weight decay (not applied to gains, biases, logit_scale/logit_bias)")
     beta1: float = _f(0.9, "AdamW beta1")

@@ -40,7 +40,7 @@ def make_accelerator(cfg: TrainConfig):
         os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(cfg.grad_accum)
         os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(cfg.grad_clip or 0.0)
     handlers = []
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # launched by accelerate/torchrun
         # Without this, accelerate + DeepSpeed on CPU pick a backend under which every process thinks it is alone.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
@@ -167,17 +167,17 @@ class Trainer:
             urls=cfg.train_data, preprocess=self.preprocess_train, tokenizer=self.tokenizer,
             batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed, rank=self.rank, world_size=self.world,
             resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, position=self.position,
-            max_pixels=cfg.max_image_pixels, allow_unsafe_urls=cfg.allow_unsafe_urls)
+            max_pixels=cfg.max_image_pixels, allow_unsafe_urls=cfg.allow_unsafe_urls,
+            batches_per_epoch=self.steps_per_epoch * cfg.grad_accum if self.steps_per_epoch else None)
 
     def _next_batches(self, it) -> Optional[List[dict]]:
         """grad_accum batches, or None on every rank as soon as any rank's epoch ran out."""
         batches = []
-        if self.steps_per_epoch is None or self.epoch_steps < self.steps_per_epoch:
-            for _ in range(self.cfg.grad_accum):
-                b = next(it, None)
-                if b is None:
-                    break
-                batches.append(b)
+        for _ in range(self.cfg.grad_accum):
+            b = next(it, None)
+            if b is None:
+                break
+            batches.append(b)
         epoch_over = len(batches) < self.cfg.grad_accum
         return None if dist.any_rank(epoch_over) else batches
 
@@ -216,6 +216,7 @@ class Trainer:
         acc, model, ga = self.accelerator, self.model, self.cfg.grad_accum
         dev = acc.device
         micro = [(b["image"].to(dev, non_blocking=True), b["text"].to(dev, non_blocking=True)) for b in batches]
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         poison = self.faults.poison(self.step + 1, self.rank)
         if ga == 1:
             img, txt, scale, bias = model_outputs(model, *micro[0])
@@ -230,7 +231,7 @@ class Trainer:
         if poison:
             loss_value = loss_value * float("nan")
         if dist.any_rank(not torch.isfinite(loss_value).all().item()):
-            return {"loss": float("nan"), "nonfinite": True}
+            return {"loss": float("nan"), "nonfinite": True, "lr": lr}
 
         if ga == 1:
             with acc.accumulate(model):
@@ -258,7 +259,7 @@ class Trainer:
         self.scheduler.step()
         logit_scale = clamp_logit_scale(model, acc)
         return {"loss": dist.all_reduce_mean(loss_value).item(), "nonfinite": False, "logit_scale": logit_scale,
-                "grad_norm": grad_norm}
+                "grad_norm": grad_norm, "lr": lr}
 
     def _clip(self) -> Optional[float]:
         """DeepSpeed clips inside its step (gradient_clipping in its config); report the norm it computed."""
@@ -276,10 +277,11 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
         global_batch = cfg.batch_size * cfg.grad_accum * self.world
-        while self.step < cfg.steps:
+        last = min(cfg.steps, cfg.stop_at or cfg.steps)
+        while self.step < last:
             it = iter(self._loader())
             t_data = time.perf_counter()
-            while self.step < cfg.steps:
+            while self.step < last:
                 batches = self._next_batches(it)
                 if batches is None:
                     break
@@ -304,13 +306,14 @@ class Trainer:
                 step_time = time.perf_counter() - t_data
                 record = {
                     "step": self.step, "epoch": self.position.epoch, "loss": out["loss"],
-                    "lr": self.optimizer.param_groups[0]["lr"], "logit_scale": out.get("logit_scale"),
+                    "lr": out["lr"], "logit_scale": out.get("logit_scale"),
                     "samples_per_s": global_batch / max(step_time, 1e-9), "data_time": data_time,
                     "step_time": step_time, "skipped": skipped, "nonfinite_steps": self.nonfinite_total,
                 }
                 if out.get("grad_norm") is not None:
                     record["grad_norm"] = out["grad_norm"]
-                if cfg.zeroshot_data and cfg.zeroshot_every and self.step % cfg.zeroshot_every == 0:
+                if (cfg.zeroshot_data and cfg.zeroshot_every and self.step % cfg.zeroshot_every == 0
+                        and self.step < cfg.steps):  # the final eval runs in finish()
                     record.update(self.zeroshot())
                 if self.metrics is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     self.metrics.log(record)
@@ -320,7 +323,7 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
                 t_data = time.perf_counter()
-            if self.step < cfg.steps:
+            if self.step < last:
                 self._next_epoch()
         if bar is not None:
             bar.close()
@@ -328,10 +331,7 @@ class Trainer:
 
     def _advance_position(self, batches: List[dict]) -> None:
         for b in batches:
-            w = int(b["worker"])
-            self.position.consumed[w] = int(b["consumed"])
-            self.position.counts[w] = dict(b["counts"])
-            self.position.batches += 1
+            self.position.advance(b)
 
     def _next_epoch(self) -> None:
         for counts in self.position.counts.values():
@@ -372,13 +372,15 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if not ckpt.is_complete(ckpt.checkpoint_path(self.out, self.step)):
             self.save_checkpoint()
-        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 partitions (collective)
-        summary: Dict[str, Any] = {"step": self.step, "skipped": self._skip_counts(),
+        summary: Dict[str, Any] = {"step": self.step, "data_counts": self._skip_counts(),
                                    "nonfinite_steps": self.nonfinite_total}
-        if cfg.zeroshot_data:
+        done = self.step >= cfg.steps
+        state_dict = acc.get_state_dict(self.model) if done else None  # gathers ZeRO-3 partitions (collective)
+        if cfg.zeroshot_data and done:
             summary.update(self.zeroshot())
         if acc.is_main_process:
-            export_open_clip(state_dict, self.model_cfg, self.preprocess_cfg, self.out / "final")
+            if done:
+                export_open_clip(state_dict, self.model_cfg, self.preprocess_cfg, self.out / "final")
             if summary.get("zeroshot/acc1") is not None and self.metrics is not None:
                 self.metrics.log({"step": self.step, **{k: v for k, v in summary.items() if k.startswith("zeroshot/")}})
             with open(self.out / "summary.json", "w", encoding="utf-8") as f:

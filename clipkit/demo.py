@@ -1,0 +1,97 @@
+"""End-to-end demo on the embedded default data: generate shapes -> shards -> DeepSpeed training -> zero-shot.
+
+`make demo` runs `python -m clipkit.demo --output-dir demo_out`: 2 processes under `accelerate launch` with DeepSpeed
+ZeRO-2 on CPU, then zero-shot top-1 on held-out images (new images with prompts never seen in training, and colour-shape
+combinations never seen at all), against 30 candidate classes (chance: 3.3%).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ZEROSHOT_TEMPLATES = ("a photo of a {c}.", "an image of a {c}.", "a rendering of a {c}.", "art of a {c}.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output-dir", default="demo_out")
+    p.add_argument("--samples", type=int, default=16000, help="training samples to generate")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--accelerate-config", default=str(REPO / "train" / "accelerate" / "cpu_zero2.yaml"))
+    p.add_argument("--model", default="clipkit-tiny")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--workers", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def make_data(out: Path, n_train: int) -> dict:
+    from clipkit.synthetic import CLASSES, HELD_OUT, write_eval_folder, write_train_shards
+
+    data = out / "data"
+    shards = write_train_shards(data / "shards", n_train, per_shard=1000, seed=0)
+    seen = [c for c in CLASSES if c not in HELD_OUT]
+    write_eval_folder(data / "eval_seen", 600, seed=1, classes=seen)
+    write_eval_folder(data / "eval_heldout", 300, seed=2, classes=HELD_OUT)
+    (data / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (data / "templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
+    return {"shards": f"{data / 'shards'}/{{00000..{len(shards) - 1:05d}}}.tar", "data": data}
+
+
+def train(args, shards: str, run_dir: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
+        "--num_processes", str(args.processes), str(REPO / "train" / "main.py"),
+        "--model", args.model, "--train-data", shards, "--batch-size", str(args.batch_size),
+        "--steps", str(args.steps), "--lr", str(args.lr), "--wd", "0.1", "--warmup", "20",
+        "--workers", str(args.workers), "--output-dir", str(run_dir), "--save-every", "100", "--resume", "auto",
+    ]
+    print("$ " + " ".join(cmd), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    subprocess.run(cmd, check=True, env=env)
+
+
+def zeroshot(run_dir: Path, data: Path) -> dict:
+    from clipkit.eval.zeroshot import evaluate_zeroshot
+    from clipkit.models import load_open_clip
+    from clipkit.synthetic import CLASSES
+
+    model, preprocess, tokenizer = load_open_clip(str(run_dir / "final"))
+    results = {}
+    for name in ("eval_seen", "eval_heldout"):
+        results[name] = evaluate_zeroshot(model, tokenizer, preprocess, f"folder:{data / name}",
+                                          templates=str(data / "templates.txt"), classnames=CLASSES)
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.output_dir).resolve()
+    t0 = time.time()
+    print(f"[1/3] generating {args.samples} shape-caption pairs into {out / 'data'}", flush=True)
+    d = make_data(out, args.samples)
+    print(f"[2/3] training {args.model} for {args.steps} steps on {args.processes} processes (DeepSpeed ZeRO-2)",
+          flush=True)
+    train(args, d["shards"], out / "run")
+    print("[3/3] zero-shot classification over all 30 classes (chance 3.3%)", flush=True)
+    results = zeroshot(out / "run", d["data"])
+    print()
+    print(f"{'test set':<48} {'top-1':>7} {'top-5':>7}")
+    labels = {"eval_seen": "new images of trained classes, unseen prompts",
+              "eval_heldout": "colour-shape combinations never trained on"}
+    for name, m in results.items():
+        print(f"{labels[name]:<48} {100 * m['acc1']:6.1f}% {100 * m.get('acc5', float('nan')):6.1f}%")
+    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    print(f"\ndone in {time.time() - t0:.0f} s; run dir {out / 'run'} (final/ loads with "
+          f"open_clip.create_model_and_transforms('local-dir:{out / 'run' / 'final'}'))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
