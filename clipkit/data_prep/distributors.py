@@ -1,0 +1,158 @@
+"""Running shard jobs: in this process, on a process pool, or on a Ray cluster.
+
+Every path ends: a worker killed by the OS (OOM on a hostile image, a segfault in a decoder) breaks a
+`concurrent.futures` pool with an error instead of hanging it the way a `multiprocessing.Pool` does (the
+img2dataset "stuck at the end" reports #74, #289, #445); the jobs that were running then are rerun each in its own
+one-process pool, and a job whose worker dies there too is reported as failed while every other shard completes.
+"""
+
+import multiprocessing
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Dict, List
+
+from clipkit.data_prep.config import ShardConfig
+from clipkit.data_prep.shard import ShardJob, run_shard
+
+OnDone = Callable[[ShardJob, Dict[str, Any] | None, str | None], None]  # (job, stats, error)
+OnProgress = Callable[[int], None]
+
+_ATTEMPTS = 2  # Ray: tries per shard
+_counter = None  # per worker process: the shared row counter for the progress bar
+
+
+def run_in_process(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+    for job in jobs:
+        try:
+            stats = run_shard(job, config, on_progress)
+        except Exception as e:  # report and go on with the other shards
+            on_done(job, None, f"{type(e).__name__}: {e}")
+        else:
+            on_done(job, stats, None)
+
+
+def _init_worker(counter) -> None:
+    global _counter
+    _counter = counter
+
+
+def _count(n: int) -> None:
+    with _counter.get_lock():
+        _counter.value += n
+
+
+def _run_counted(job: ShardJob, config: ShardConfig) -> Dict[str, Any]:
+    return run_shard(job, config, _count)
+
+
+def _run_round(
+    jobs: List[ShardJob], config: ShardConfig, isolated: bool, on_done: OnDone, progress: Callable[[], None]
+) -> List[ShardJob]:
+    """Runs `jobs`, at most `process_count` at a time; returns the jobs whose worker process died.
+
+    At most as many jobs as workers are in flight, so when a pool breaks every job in flight really was running.
+    With `isolated`, each job gets its own one-process pool, so a death is pinned on the job that caused it.
+    """
+    context = multiprocessing.get_context("spawn")
+    width = min(config.process_count, len(jobs))
+
+    def new_pool(workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(_counter,))
+
+    queue, in_flight, died = deque(jobs), {}, []
+    shared = None if isolated else new_pool(width)
+    broke = False
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < width and not broke:
+                job = queue.popleft()
+                pool = shared or new_pool(1)
+                in_flight[pool.submit(_run_counted, job, config)] = (job, pool)
+            done, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
+            progress()
+            for future in done:
+                job, pool = in_flight.pop(future)
+                if isolated:
+                    pool.shutdown(wait=True)
+                try:
+                    stats = future.result()
+                except BrokenProcessPool as e:
+                    broke = not isolated
+                    if isolated:
+                        on_done(job, None, f"worker process died running this shard alone ({e})")
+                    else:
+                        died.append(job)
+                except Exception as e:
+                    on_done(job, None, f"{type(e).__name__}: {e}")
+                else:
+                    on_done(job, stats, None)
+            if broke and not in_flight:  # every job of the broken pool is accounted for: start a fresh one
+                if shared is not None:
+                    shared.shutdown(wait=True)
+                    shared = new_pool(width)
+                broke = False
+    finally:
+        for _, pool in in_flight.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        if shared is not None:
+            shared.shutdown(wait=True, cancel_futures=True)
+    return died
+
+
+def run_on_processes(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+    # spawn, not fork: the parent may hold threads (progress bar) and a forked lock would never be released.
+    global _counter
+    _counter = multiprocessing.get_context("spawn").Value("q", 0)
+    reported = 0
+
+    def progress() -> None:
+        nonlocal reported
+        value = _counter.value
+        if value > reported:
+            on_progress(value - reported)
+            reported = value
+
+    died = _run_round(jobs, config, False, on_done, progress)
+    if died:  # a worker died under these jobs (OOM, decoder crash): run each alone to find the culprit
+        _run_round(died, config, True, on_done, progress)
+    progress()
+
+
+def run_on_ray(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("--distributor ray needs Ray: pip install 'clipkit[ray]'") from e
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False, logging_level="error")
+    try:
+        # Output must be on storage every node sees (NFS, a shared disk): workers write shards straight into it.
+        remote = ray.remote(num_cpus=1, max_retries=_ATTEMPTS - 1)(run_shard)
+        refs = {remote.remote(job, config): job for job in jobs}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+            for ref in ready:
+                job = refs.pop(ref)
+                try:
+                    stats = ray.get(ref)
+                except Exception as e:  # RayTaskError, WorkerCrashedError...
+                    on_done(job, None, f"{type(e).__name__}: {e}")
+                else:
+                    on_progress(stats["count"])
+                    on_done(job, stats, None)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_jobs(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+    if not jobs:
+        return
+    if config.distributor == "ray":
+        run_on_ray(jobs, config, on_done, on_progress)
+    elif config.process_count == 1:
+        run_in_process(jobs, config, on_done, on_progress)
+    else:
+        run_on_processes(jobs, config, on_done, on_progress)

@@ -1,0 +1,160 @@
+"""Building one shard: rows -> (caption, fetch, check, resize, encode) on a thread pool -> tar in input order.
+
+Threads overlap network waits, and PIL releases the GIL while decoding, resizing and encoding, so a process keeps a
+core busy. Results are consumed in input order through a bounded window, so memory stays at a few dozen images and
+the tar is the same whatever order the downloads finish in.
+"""
+
+import hashlib
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List
+
+import pyarrow as pa
+
+from clipkit.data_prep.captions import clean_caption
+from clipkit.data_prep.config import ShardConfig
+from clipkit.data_prep.fetch import FetchError, HttpFetcher, read_local
+from clipkit.data_prep.process import ImageOptions, ProcessedImage, process_image
+from clipkit.data_prep.writer import TarWriter, remove_stale_temporaries, shard_paths, write_json, write_parquet
+from clipkit.images import ImageRejected
+
+# Row statuses: success, or the kind of failure. The finer reason goes to error_reason.
+SUCCESS = "success"
+DUPLICATE = "duplicate"
+
+
+@dataclass
+class ShardJob:
+    shard_id: int
+    name: str  # "00042"
+    first_row: int
+    rows: pa.Table
+    fingerprint: str
+    key_digits: int  # digits of the row number inside the shard
+
+
+def shard_key(job: ShardJob, index: int) -> str:
+    """img2dataset's key layout: shard number then row number inside the shard, zero-padded."""
+    return f"{job.name}{index:0{job.key_digits}d}"
+
+
+def _bounded_ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator[Any]:
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _RowWorker:
+    """Turns one input row into a result record (+ the encoded image on success). Runs on worker threads."""
+
+    def __init__(self, config: ShardConfig, image_options: ImageOptions):
+        self.config = config
+        self.image_options = image_options
+        self.fetcher = None if config.local else HttpFetcher(config.fetch_options())
+
+    def __call__(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        record: Dict[str, Any] = {"status": SUCCESS, "image": None}
+        caption = clean_caption(row["caption"], self.config.max_caption_length)
+        record["caption"] = caption
+        if not caption and not self.config.keep_empty_captions:
+            return self._fail(record, "empty_caption", "empty_caption", "caption is empty after cleaning")
+        if not row["source"]:
+            return self._fail(record, "failed_download", "no_source", "empty URL/path")
+        try:
+            if self.fetcher is None:
+                data = read_local(row["location"], self.config.max_bytes)
+            else:
+                data = self.fetcher.fetch(row["source"])
+        except FetchError as e:
+            return self._fail(record, e.status, e.reason, str(e))
+        record["original_bytes"] = len(data)
+        record["sha256"] = hashlib.sha256(data).hexdigest()
+        try:
+            image: ProcessedImage = process_image(data, self.image_options)
+        except ImageRejected as e:
+            return self._fail(record, "failed_image", e.reason, str(e))
+        except Exception as e:  # a decoder bug on one hostile file must not take the shard down
+            return self._fail(record, "failed_image", "decoder_error", f"{type(e).__name__}: {e}")
+        record.update(
+            image=image,
+            width=image.width,
+            height=image.height,
+            original_width=image.original_width,
+            original_height=image.original_height,
+        )
+        return record
+
+    @staticmethod
+    def _fail(record: Dict[str, Any], status: str, reason: str, message: str) -> Dict[str, Any]:
+        record.update(status=status, error_reason=reason, error_message=message[:500])
+        return record
+
+    def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
+
+
+def run_shard(job: ShardJob, config: ShardConfig, progress: Callable[[int], None] | None = None) -> Dict[str, Any]:
+    """Builds NNNNN.tar, NNNNN.parquet and NNNNN_stats.json for one job; returns the stats."""
+    start = time.monotonic()
+    paths = shard_paths(config.output, job.name)
+    remove_stale_temporaries(config.output, job.name)
+    rows = job.rows.to_pylist()
+    extra_cols = list(config.extra_cols)
+    worker = _RowWorker(config, config.image_options())
+    tar = TarWriter(paths["tar"])
+    records: List[Dict[str, Any]] = []
+    seen: Dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"shard{job.name}")
+    try:
+        results = _bounded_ordered_map(pool, worker, rows, window=config.threads * 3)
+        for index, (row, record) in enumerate(zip(rows, results)):
+            key = shard_key(job, index)
+            image = record.pop("image")
+            record.update(key=key, source=row["source"], extras={c: row[c] for c in extra_cols})
+            if record["status"] == SUCCESS and config.dedup:
+                first = seen.setdefault(record["sha256"], key)
+                if first != key:
+                    record.update(status=DUPLICATE, error_reason="same_sha256", error_message=f"duplicate of {first}")
+            if record["status"] == SUCCESS:
+                meta = {n: record.get(n) for n in ("key", "source", "caption", "width", "height")}
+                meta.update({n: record.get(n) for n in ("original_width", "original_height", "original_bytes")})
+                meta.update(record["extras"], sha256=record["sha256"])
+                tar.add_sample(key, image.ext, image.data, record["caption"], meta)
+            records.append(record)
+            if progress is not None and (index % 16 == 15 or index == len(rows) - 1):
+                progress(index % 16 + 1)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        tar.abort()
+        raise
+    pool.shutdown(wait=True)
+    worker.close()
+    tar_bytes = tar.commit()
+    write_parquet(paths["parquet"], records, extra_cols)
+    stats = shard_stats(job, records, tar_bytes, time.monotonic() - start)
+    write_json(paths["stats"], stats)  # last: marks the shard complete
+    return stats
+
+
+def shard_stats(job: ShardJob, records: List[Dict[str, Any]], tar_bytes: int, duration: float) -> Dict[str, Any]:
+    statuses = Counter(r["status"] for r in records)
+    reasons = Counter(r["error_reason"] for r in records if r.get("error_reason"))
+    return {
+        "shard": job.name,
+        "fingerprint": job.fingerprint,
+        "count": len(records),
+        "successes": statuses.get(SUCCESS, 0),
+        "duplicates": statuses.get(DUPLICATE, 0),
+        "status_counts": dict(sorted(statuses.items())),
+        "reason_counts": dict(sorted(reasons.items())),
+        "tar_bytes": tar_bytes,
+        "duration_s": round(duration, 3),
+    }
