@@ -66,7 +66,7 @@ def address_refusal(ip: IPAddress) -> str | None:
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is not None:
             return address_refusal(embedded)
-    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return f"{kind}_address"
     if not ip.is_global:  # 100.64/10 carrier NAT, 192.0.0/24, NAT64 well-known prefix...
