@@ -9,6 +9,7 @@ import http.client
 import os
 import socket
 import ssl
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -49,15 +50,21 @@ class FetchOptions:
 def read_local(path: str, max_bytes: int) -> bytes:
     """Reads a local image file; raises FetchError(failed_read, ...)."""
     try:
-        size = os.stat(path).st_size
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block open() forever, /dev/zero never ends
+            raise FetchError("failed_read", "not_a_file", f"{path} is not a regular file")
+        size = info.st_size
         if size > max_bytes:
             raise FetchError("failed_read", "too_large", f"{size} bytes > {max_bytes}")
         with open(path, "rb") as f:
-            return f.read(max_bytes + 1)
+            data = f.read(max_bytes + 1)  # st_size lies for devices and pipes: bound the read itself
     except FileNotFoundError as e:
         raise FetchError("failed_read", "file_not_found", str(e)) from e
     except (IsADirectoryError, PermissionError, OSError) as e:
         raise FetchError("failed_read", "unreadable_file", str(e)) from e
+    if len(data) > max_bytes:
+        raise FetchError("failed_read", "too_large", f"more than {max_bytes} bytes")
+    return data
 
 
 def robots_disallowed(values, user_agent_token: str, disallowed: FrozenSet[str]) -> str | None:

@@ -6,6 +6,7 @@ the tar is the same whatever order the downloads finish in.
 """
 
 import hashlib
+import re
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from clipkit.images import ImageRejected
 
 # Row statuses: success, or the kind of failure. The finer reason goes to error_reason.
 SUCCESS = "success"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 DUPLICATE = "duplicate"
 
 
@@ -93,7 +95,8 @@ class _RowWorker:
 
     @staticmethod
     def _fail(record: Dict[str, Any], status: str, reason: str, message: str) -> Dict[str, Any]:
-        record.update(status=status, error_reason=reason, error_message=message[:500])
+        # "<_io.BytesIO object at 0x7f...>" would make reruns differ byte for byte
+        record.update(status=status, error_reason=reason, error_message=_ADDRESS.sub("", message)[:500])
         return record
 
     def close(self) -> None:
