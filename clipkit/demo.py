@@ -21,7 +21,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default="demo_out")
     p.add_argument("--samples", type=int, default=16000, help="training samples to generate")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--accelerate-config", default=str(REPO / "train" / "accelerate" / "cpu_zero2.yaml"))
@@ -60,13 +60,11 @@ def train(args, shards: str, run_dir: Path) -> None:
 def zeroshot(run_dir: Path, data: Path) -> dict:
     from clipkit.eval.zeroshot import evaluate_zeroshot
     from clipkit.models import load_open_clip
-    from clipkit.synthetic import CLASSES
-
     model, preprocess, tokenizer = load_open_clip(str(run_dir / "final"))
     results = {}
     for name in ("eval_seen", "eval_heldout"):
         results[name] = evaluate_zeroshot(model, tokenizer, preprocess, f"folder:{data / name}",
-                                          templates=str(data / "templates.txt"), classnames=CLASSES)
+                                          templates=str(data / "templates.txt"))
     return results
 
 

@@ -116,9 +116,10 @@ def write_train_shards(out_dir, n: int, per_shard: int = 1000, seed: int = 0, si
 
 
 def write_eval_folder(out_dir, n: int, seed: int = 1, classes: Sequence[str] = CLASSES, size: int = 64) -> Path:
-    """An image-folder eval set (one sub-folder per class name, as `folder:DIR` reads it)."""
+    """An image-folder eval set (`folder:DIR`): a sub-folder for each of the 30 classes (the candidates of the
+    zero-shot classifier), images drawn from `classes` only."""
     out_dir = Path(out_dir)
-    for cls in classes:
+    for cls in CLASSES:
         (out_dir / cls).mkdir(parents=True, exist_ok=True)
     for i, (img, _, cls) in enumerate(samples(n, seed, list(classes), size)):
         img.save(out_dir / cls / f"{i:06d}.png")

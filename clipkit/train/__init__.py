@@ -1,0 +1,1 @@
+"""Training: config, loop, checkpoints, optimizer (entry point: train/main.py)."""
