@@ -291,6 +291,7 @@ class Trainer:
                 self.step += 1
                 self.epoch_steps += 1
                 self._advance_position(batches)
+                self.faults.record_batches(self.step, self.rank, batches, out["nonfinite"])
                 if out["nonfinite"]:
                     self.nonfinite_streak += 1
                     self.nonfinite_total += 1
