@@ -313,6 +313,8 @@ class Trainer:
                 }
                 if out.get("grad_norm") is not None:
                     record["grad_norm"] = out["grad_norm"]
+                if torch.cuda.is_available():
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3  # this process, since start
                 if (cfg.zeroshot_data and cfg.zeroshot_every and self.step % cfg.zeroshot_every == 0
                         and self.step < cfg.steps):  # the final eval runs in finish()
                     record.update(self.zeroshot())
