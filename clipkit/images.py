@@ -6,7 +6,7 @@ decompression bomb (a few-KB PNG that claims 20000 x 20000 pixels) is rejected w
 
 import io
 import warnings
-from typing import Optional, Tuple
+from typing import Tuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,7 +53,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, exif_transpose: bool = True) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, exif_transpose: bool = True) -> Image.Image:
     """Decodes image bytes into an RGB PIL image, or raises ImageRejected.
 
     The width x height from the header is checked against `max_pixels` before decoding; EXIF orientation is applied;

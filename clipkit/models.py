@@ -1,8 +1,8 @@
 """Model construction on top of open_clip, and export back to open_clip's format.
 
 Architectures are open_clip JSON configs (`embed_dim`, `vision_cfg`, `text_cfg`). clipkit's own configs live in
-`clipkit/model_configs/` and are registered with `open_clip.add_model_config`, so `open_clip.create_model("clipkit-tiny")`
-works once `register_model_configs()` has run.
+`clipkit/model_configs/` and are registered with `open_clip.add_model_config`, so
+`open_clip.create_model("clipkit-tiny")` works once `register_model_configs()` has run.
 
 While training, `logit_scale` (and `logit_bias`) are kept as 1-element tensors: DeepSpeed 0.19 cannot broadcast 0-dim
 parameters ("self.dim() cannot be 0 to view Float as Byte"). `export_open_clip` writes them back 0-dim, the shape
@@ -13,7 +13,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import open_clip
 import torch
@@ -43,7 +43,7 @@ def list_models() -> list:
     return open_clip.list_models()
 
 
-def resolve_model_config(model: str, hf_text_model: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
+def resolve_model_config(model: str, hf_text_model: str | None = None) -> Tuple[str, Dict[str, Any]]:
     """Returns (name, config dict) for a registered model name or a path to an open_clip-format JSON config.
 
     `hf_text_model`: a local Hugging Face model directory (e.g. all-MiniLM-L6-v2) that replaces the text tower: the
@@ -61,7 +61,8 @@ def resolve_model_config(model: str, hf_text_model: Optional[str] = None) -> Tup
         cfg = open_clip.get_model_config(model)
         if cfg is None:
             known = ", ".join(m for m in open_clip.list_models() if m.startswith("clipkit")) + ", ViT-B-32, RN50, ..."
-            raise ValueError(f"unknown model config {model!r}: use a registered name ({known}) or a path to a JSON file")
+            raise ValueError(f"unknown model config {model!r}: use a registered name ({known}) "
+                             "or a path to a JSON file")
         name = model
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
@@ -96,11 +97,11 @@ def _register_config(name: str, cfg: Dict[str, Any], config_dir: Path) -> str:
 
 def create_model(
         model: str,
-        hf_text_model: Optional[str] = None,
+        hf_text_model: str | None = None,
         lock_text: bool = False,
         siglip: bool = False,
-        config_dir: Optional[Path] = None,
-        pretrained: Optional[str] = None,
+        config_dir: Path | None = None,
+        pretrained: str | None = None,
 ):
     """Builds a trainable open_clip model from a config name or JSON path.
 

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -21,14 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def env(extra: Dict[str, str] | None = None) -> Dict[str, str]:
     e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     e.update(extra or {})
     return e
 
 
 def run_train(args: List[str], nproc: int = 0, config: str = "cpu_zero2.yaml", extra_env=None, check=True,
-              launcher_args: Optional[List[str]] = None, timeout: int = 600) -> subprocess.CompletedProcess:
+              launcher_args: List[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """nproc=0: `python train/main.py`; nproc>=1: `accelerate launch --config_file CONFIG --num_processes N`."""
     if nproc:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config),

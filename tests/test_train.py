@@ -183,8 +183,9 @@ def test_two_loopback_nodes_match_one_node(shards, two_process_straight, tmp_pat
     import subprocess
     out = tmp_path / "multinode"
     port = str(free_port())
-    from tests._train import ACCEL, MAIN, env
     import sys
+
+    from tests._train import ACCEL, MAIN, env
     procs = []
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "cpu_multinode.yaml"),
@@ -199,13 +200,34 @@ def test_two_loopback_nodes_match_one_node(shards, two_process_straight, tmp_pat
         assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (step, a[step], b[step])
 
 
+@pytest.fixture(scope="module")
+def hot_start(tmp_path_factory):
+    """Initial weights whose logit_scale (10) is above the clamp ln(100) = 4.605."""
+    from safetensors.torch import save_file
+
+    from clipkit.models import to_open_clip_state_dict
+    model, *_ = create_model("clipkit-tiny")
+    state = to_open_clip_state_dict(model.state_dict())
+    state["logit_scale"] = torch.tensor(10.0)
+    path = tmp_path_factory.mktemp("init") / "hot.safetensors"
+    save_file(state, str(path))
+    return str(path)
+
+
 @pytest.mark.slow
-def test_two_process_zero3_trains_and_exports(shards, tmp_path):
-    out = tmp_path / "zero3"
-    run_train(common(shards, out, steps=3, extra=["--workers", "1"]), nproc=2, config="cpu_zero3.yaml")
+@pytest.mark.parametrize("config", ["cpu_zero2.yaml", "cpu_zero3.yaml"])
+def test_two_process_zero_trains_clamps_and_exports(shards, hot_start, tmp_path, config):
+    out = tmp_path / "run"
+    run_train(common(shards, out, steps=3, extra=["--workers", "1", "--pretrained", hot_start]), nproc=2,
+              config=config)
     w = final_weights(out)
     model, *_ = create_model("clipkit-tiny")
     assert w.keys() == {k for k in model.state_dict()}
     assert all(w[k].shape == v.reshape(w[k].shape).shape for k, v in model.state_dict().items())
     assert w["visual.conv1.weight"].abs().sum() > 0  # gathered, not an empty ZeRO-3 partition
     assert len(losses(out)) == 3
+    # logit_scale started at 10: clamped after every step, in the optimizer's master copy and in the module
+    logged = [json.loads(line)["logit_scale"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(v <= math.log(100) + 1e-6 for v in logged)
+    assert w["logit_scale"].item() <= math.log(100) + 1e-6
+    assert w["logit_scale"].item() > 4.5  # it was clamped, not re-initialised

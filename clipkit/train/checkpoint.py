@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -55,7 +55,7 @@ def list_checkpoints(output_dir) -> List[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-def latest_complete(output_dir) -> Optional[Path]:
+def latest_complete(output_dir) -> Path | None:
     done = [p for p in list_checkpoints(output_dir) if is_complete(p)]
     return done[-1] if done else None
 
@@ -120,7 +120,7 @@ def _differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     return diffs
 
 
-def resolve_resume(resume: Optional[str], output_dir) -> Optional[Path]:
+def resolve_resume(resume: str | None, output_dir) -> Path | None:
     """Maps --resume to a checkpoint dir. 'auto' with no checkpoint yet is a fresh start (logged); an explicit path that
     is missing or incomplete is an error."""
     if not resume:

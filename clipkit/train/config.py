@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, get_args, get_origin
+from typing import Any, Dict, List, get_args, get_origin
 
 import yaml
 
@@ -22,12 +22,12 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     # model
     model: str = _f("clipkit-tiny", "registered open_clip/clipkit model config name, or a path to a JSON model config")
-    hf_text_model: Optional[str] = _f(None, "local Hugging Face model dir used as the text tower (e.g. all-MiniLM-L6-v2)")
+    hf_text_model: str | None = _f(None, "local Hugging Face model dir used as the text tower (e.g. all-MiniLM-L6-v2)")
     lock_text: bool = _f(False, "LiT: freeze the text tower, train the image tower and projections")
-    pretrained: Optional[str] = _f(None, "initial CLIP weights (safetensors / weights-only torch file)")
+    pretrained: str | None = _f(None, "initial CLIP weights (safetensors / weights-only torch file)")
     # data
-    train_data: Optional[str] = _f(None, "WebDataset shard spec: brace-expanded paths/URLs, several joined with '::'")
-    train_num_samples: Optional[int] = _f(None, "samples per epoch (resampled mode; default: counted from the shards)")
+    train_data: str | None = _f(None, "WebDataset shard spec: brace-expanded paths/URLs, several joined with '::'")
+    train_num_samples: int | None = _f(None, "samples per epoch (resampled mode; default: counted from the shards)")
     resampled: bool = _f(False, "sample shards with replacement (no epochs over the data) instead of epoch mode")
     shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker (0 = off)")
     workers: int = _f(2, "data loader worker processes per training process")
@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = _f(64, "batch size per process (per micro-step)")
     grad_accum: int = _f(1, "micro-steps per optimizer step; negatives span the whole accumulated batch")
     steps: int = _f(100, "optimizer steps to train in total")
-    stop_at: Optional[int] = _f(None, "stop after this step with a checkpoint (the schedule still spans --steps); "
+    stop_at: int | None = _f(None, "stop after this step with a checkpoint (the schedule still spans --steps); "
                                       "for time-limited jobs, continued with --resume auto")
     lr: float = _f(5e-4, "peak learning rate")
     wd: float = _f(0.2, "AdamW weight decay (not applied to gains, biases, logit_scale/logit_bias)")
@@ -46,9 +46,9 @@ class TrainConfig:
     beta2: float = _f(0.98, "AdamW beta2")
     eps: float = _f(1e-6, "AdamW eps")
     warmup: int = _f(10, "linear warm-up steps, then cosine decay to 0")
-    grad_clip: Optional[float] = _f(1.0, "clip the global gradient norm (None = off)")
+    grad_clip: float | None = _f(1.0, "clip the global gradient norm (None = off)")
     loss: str = _f("clip", "clip (symmetric InfoNCE) or siglip", choices=("clip", "siglip"))
-    loss_chunk_size: Optional[int] = _f(None, "memory-efficient InfoNCE: logits computed in row chunks of this size")
+    loss_chunk_size: int | None = _f(None, "memory-efficient InfoNCE: logits computed in row chunks of this size")
     precision: str = _f("fp32", "fp32 or bf16 (mixed precision via DeepSpeed/accelerate)", choices=("fp32", "bf16"))
     seed: int = _f(0, "random seed (model init, data order)")
     max_nonfinite_steps: int = _f(5, "stop after this many consecutive steps skipped for a non-finite loss")
@@ -56,15 +56,15 @@ class TrainConfig:
     output_dir: str = _f("runs/clipkit", "run directory: metrics.jsonl, TensorBoard events, checkpoints, final/")
     save_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(2, "keep this many newest complete checkpoints (>= 2: the newest may be mid-write)")
-    resume: Optional[str] = _f(None, "'auto' (newest complete checkpoint in output dir, if any) or a checkpoint path")
+    resume: str | None = _f(None, "'auto' (newest complete checkpoint in output dir, if any) or a checkpoint path")
     log_every: int = _f(1, "write metrics every N steps")
     tensorboard: bool = _f(True, "write TensorBoard events to OUTPUT/tensorboard")
     progress: bool = _f(True, "show a progress bar on rank 0")
     # eval during training
-    zeroshot_data: Optional[str] = _f(None, "dataset spec for zero-shot eval during training (see eval/zeroshot.py)")
+    zeroshot_data: str | None = _f(None, "dataset spec for zero-shot eval during training (see eval/zeroshot.py)")
     zeroshot_every: int = _f(0, "run zero-shot eval every N steps (0 = only at the end, if zeroshot_data is set)")
     zeroshot_templates: str = _f("simple", "prompt templates for zero-shot eval: openai, simple or a file")
-    zeroshot_max_samples: Optional[int] = _f(None, "cap the zero-shot eval set (None = all)")
+    zeroshot_max_samples: int | None = _f(None, "cap the zero-shot eval set (None = all)")
 
     def validate(self) -> "TrainConfig":
         if not self.train_data:
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
+def parse_config(argv: List[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     values: Dict[str, Any] = {}
     config_path = args.pop("config", None)
@@ -135,7 +135,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def save_yaml(cfg: TrainConfig, path: Path, extra: Optional[Dict[str, Any]] = None) -> None:
+def save_yaml(cfg: TrainConfig, path: Path, extra: Dict[str, Any] | None = None) -> None:
     data = cfg.to_dict()
     if extra:
         data.update(extra)

@@ -10,7 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -69,20 +69,36 @@ def zero_stage(accelerator) -> int:
 
 
 def clamp_logit_scale(model, accelerator) -> float:
-    """Clamps logit_scale to [0, ln 100] (CLIP paper) and returns it. Under DeepSpeed the fp32 master copy held by the
-    optimizer is what the next step starts from, so that is the copy clamped."""
-    p = accelerator.unwrap_model(model).logit_scale
-    if is_deepspeed(accelerator):
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    """Clamps logit_scale to [0, ln 100] (CLIP paper) and returns it.
 
-        value = safe_get_full_fp32_param(p)  # collective under ZeRO: every rank calls it
-        clamped = value.clamp(0, LOGIT_SCALE_MAX)
-        if not torch.equal(clamped, value):
+    Under DeepSpeed two copies exist: the optimizer's fp32 master (what the next step starts from) and the module
+    parameter (what forward and the export read; partitioned under ZeRO-3). Both are clamped."""
+    p = accelerator.unwrap_model(model).logit_scale
+    if not is_deepspeed(accelerator):
+        with torch.no_grad():
+            p.clamp_(0, LOGIT_SCALE_MAX)
+        return float(p.detach().reshape(-1)[0])
+    import deepspeed
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
+
+    value = safe_get_full_fp32_param(p)  # collective under ZeRO: every rank calls it, every rank gets the same value
+    clamped = value.clamp(0, LOGIT_SCALE_MAX)
+    if not torch.equal(clamped, value):
+        if zero_stage(accelerator) == 3:
+            # DeepSpeed 0.19's set_full_hp_param mis-slices a 1-element parameter split over several ranks; each rank
+            # clamps its own partition instead (the other ranks' partitions hold only padding).
+            safe_set_local_fp32_param(p, safe_get_local_fp32_param(p).clamp(0, LOGIT_SCALE_MAX))
+        else:
             safe_set_full_fp32_param(p, clamped)
-        return float(clamped.reshape(-1)[0])
-    with torch.no_grad():
-        p.clamp_(0, LOGIT_SCALE_MAX)
-    return float(p.detach().reshape(-1)[0])
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero_stage(accelerator) == 3):
+            with torch.no_grad():
+                p.data.copy_(clamped.to(p.dtype).reshape(p.shape))
+    return float(clamped.reshape(-1)[0])
 
 
 def model_outputs(model, images, texts):
@@ -124,7 +140,8 @@ class Trainer:
         self.steps_per_epoch = self._steps_per_epoch()
         self.metrics = MetricsLogger(self.out, cfg.tensorboard, self.step) if self.accelerator.is_main_process else None
         if self.accelerator.is_main_process:
-            save_yaml(cfg, self.out / "config.yaml", {"world_size": self.world, "zero_stage": zero_stage(self.accelerator)})
+            save_yaml(cfg, self.out / "config.yaml",
+                      {"world_size": self.world, "zero_stage": zero_stage(self.accelerator)})
 
     # ---------------------------------------------------------------- state
     def _restore(self, path: Path) -> None:
@@ -148,7 +165,7 @@ class Trainer:
             "fingerprint": self.fingerprint,
         }
 
-    def _steps_per_epoch(self) -> Optional[int]:
+    def _steps_per_epoch(self) -> int | None:
         """Resampled mode has no natural epoch: --train-num-samples (or the shards' count) defines one."""
         if not self.cfg.resampled:
             return None
@@ -170,7 +187,7 @@ class Trainer:
             max_pixels=cfg.max_image_pixels, allow_unsafe_urls=cfg.allow_unsafe_urls,
             batches_per_epoch=self.steps_per_epoch * cfg.grad_accum if self.steps_per_epoch else None)
 
-    def _next_batches(self, it) -> Optional[List[dict]]:
+    def _next_batches(self, it) -> List[dict] | None:
         """grad_accum batches, or None on every rank as soon as any rank's epoch ran out."""
         batches = []
         for _ in range(self.cfg.grad_accum):
@@ -261,7 +278,7 @@ class Trainer:
         return {"loss": dist.all_reduce_mean(loss_value).item(), "nonfinite": False, "logit_scale": logit_scale,
                 "grad_norm": grad_norm, "lr": lr}
 
-    def _clip(self) -> Optional[float]:
+    def _clip(self) -> float | None:
         """DeepSpeed clips inside its step (gradient_clipping in its config); report the norm it computed."""
         if is_deepspeed(self.accelerator):
             return None

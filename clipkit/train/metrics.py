@@ -3,7 +3,7 @@
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class MetricsLogger:
             except ImportError:
                 log.warning("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
 
-    def log(self, record: Dict[str, Any], step: Optional[int] = None) -> None:
+    def log(self, record: Dict[str, Any], step: int | None = None) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
