@@ -4,6 +4,7 @@ Thin entry point over clipkit.train; `python train/main.py --help` lists every f
 """
 
 import logging
+import os
 import sys
 
 from clipkit.train.config import parse_config
@@ -18,7 +19,8 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         logging.getLogger("clipkit.train").error("training stopped: %s", e)
         return 2
-    logging.getLogger("clipkit.train").info("done: %s", summary)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger("clipkit.train").info("done: %s", summary)
     return 0
 
 
