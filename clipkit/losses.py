@@ -33,14 +33,52 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[k, D] x [N, D] -> [k, N] logits in the statistics dtype.
+def _mm_stats(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b in the statistics dtype (into `out` when given) for inputs of any float dtype.
 
-    The scale is folded into the k x D operand (cheaper than scaling k x N) which is also exactly how open_clip
-    evaluates `logit_scale * image_features @ text_features.T` (left to right), so the roundings match.
+    bf16/fp16 operands keep the fast low-precision matmul; on CUDA its float32 accumulator is written out directly
+    (out_dtype) instead of being rounded to bf16 first, which costs each logit of magnitude ~14 up to 0.06.
     """
-    logits = torch.mm(rows * scale.to(rows.dtype), cols.T)
-    return logits.to(_stats_dtype(rows.dtype))
+    stats_dtype = _stats_dtype(a.dtype)
+    if a.dtype == stats_dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=stats_dtype, out=out)
+    product = torch.mm(a, b).to(stats_dtype)  # CPU has no out_dtype matmul for bf16/fp16
+    return product if out is None else out.copy_(product)
+
+
+def _logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
+    """[k, D] x [N, D] -> [k, N] logits `scale * rows @ cols.T` in the statistics dtype, into `out` when given.
+
+    The scale is folded into the k x D operand (cheaper than scaling k x N), which is also exactly how open_clip
+    evaluates `logit_scale * image_features @ text_features.T` (left to right), so the roundings match. The product
+    is taken in the statistics dtype before rounding to the feature dtype, as open_clip under autocast does: rounding
+    the scale itself to bf16 (1/0.07 -> 14.3125) would bias every logit by 0.2%.
+    """
+    scaled_rows = (rows.to(_stats_dtype(rows.dtype)) * scale).to(rows.dtype)
+    return _mm_stats(scaled_rows, cols.T, out=out)
+
+
+def _row_chunks(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, chunk_size: int):
+    """Yields (start, stop, logits) with logits = scale * rows[start:stop] @ cols.T, [stop - start, N].
+
+    Every chunk is a view of ONE buffer allocated here, overwritten by the next chunk (callers may scribble on it):
+    reusing it rather than allocating K x N per chunk avoids re-faulting fresh pages each time, which on CPU costs
+    as much as the elementwise work, and keeps the allocator from fragmenting.
+    """
+    batch = rows.shape[0]
+    buffer = torch.empty(min(chunk_size, batch), cols.shape[0], dtype=_stats_dtype(rows.dtype), device=rows.device)
+    for start in range(0, batch, chunk_size):
+        stop = min(start + chunk_size, batch)
+        yield start, stop, _logits(rows[start:stop], cols, scale, out=buffer[: stop - start])
+
+
+def _row_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 1 of [k, N] logits using scratch ([>= k, N]) for the exp, so no [k, N] allocation."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    exps = torch.sub(logits, row_max, out=scratch[: logits.shape[0]]).exp_()
+    return exps.sum(dim=1).log_().add_(row_max.squeeze(1))
 
 
 def _backprop_chunk(
@@ -53,14 +91,19 @@ def _backprop_chunk(
 ) -> torch.Tensor:
     """Backward of one [k, N] chunk `logits = scale * rows @ cols.T`, given G = d loss / d logits ([k, N]).
 
-    Writes d/d rows = scale * G @ cols into grad_rows_out ([k, D]), adds G.T @ rows into grad_cols_unscaled ([N, D];
-    the caller multiplies by scale once at the end) and returns this chunk's d/d scale = sum(G * rows @ cols.T)
-    = sum((G @ cols) * rows), which reuses the G @ cols product: no extra [k, N] elementwise pass.
+    Writes d/d rows = scale * G @ cols into grad_rows_out ([k, D]), adds G.T @ rows into grad_cols_unscaled ([N, D]
+    in the statistics dtype; the caller multiplies by scale once at the end) and returns this chunk's d/d scale
+    = sum(G * rows @ cols.T) = sum((G @ cols) * rows), which reuses G @ cols: no extra [k, N] elementwise pass.
     """
-    grad_rows_unscaled = torch.mm(grad_logits, cols)
-    torch.mul(grad_rows_unscaled, scale.to(rows.dtype), out=grad_rows_out)
-    grad_cols_unscaled.addmm_(grad_logits.T, rows)
-    return (grad_rows_unscaled * rows).sum(dtype=_stats_dtype(rows.dtype))
+    grad_logits = grad_logits.to(rows.dtype)  # bf16/fp16 features: low-precision matmuls, float32 results
+    grad_rows_unscaled = _mm_stats(grad_logits, cols)
+    grad_scale = (grad_rows_unscaled * rows).sum(dtype=grad_rows_unscaled.dtype)
+    grad_rows_out.copy_(grad_rows_unscaled.mul_(scale))
+    if grad_cols_unscaled.dtype == rows.dtype:
+        grad_cols_unscaled.addmm_(grad_logits.T, rows)
+    else:  # accumulate over chunks in float32: B / K bf16 additions would each round
+        grad_cols_unscaled.add_(_mm_stats(grad_logits.T, rows))
+    return grad_scale
 
 
 class _SymmetricInfoNCEChunked(torch.autograd.Function):
@@ -80,14 +123,14 @@ class _SymmetricInfoNCEChunked(torch.autograd.Function):
         positives = torch.empty(batch, dtype=stats_dtype, device=image.device)
         col_max = torch.full((batch,), float("-inf"), dtype=stats_dtype, device=image.device)
         col_sum = torch.zeros(batch, dtype=stats_dtype, device=image.device)
-        for start in range(0, batch, chunk_size):
-            stop = min(start + chunk_size, batch)
-            logits = _chunk_logits(image[start:stop], text, scale)  # [k, B]
+        scratch = torch.empty(min(chunk_size, batch), batch, dtype=stats_dtype, device=image.device)
+        for start, stop, logits in _row_chunks(image, text, scale, chunk_size):
             # The diagonal of the full matrix: pair i's positive logit, taken from the same numbers the lse sees.
             positives[start:stop] = logits.diagonal(offset=start)
-            row_max = logits.amax(dim=1, keepdim=True)
-            row_lse[start:stop] = torch.sub(logits, row_max).exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
+            row_lse[start:stop] = _row_logsumexp(logits, scratch)
             # Online logsumexp over columns: rescale the running sum to the new running max before adding the chunk.
+            # Shifting per row / per column (not by one global bound) keeps exp() from underflowing when a whole row
+            # or column sits far below the largest logit (tests: test_chunked_loss_is_finite_for_extreme_logits).
             new_max = torch.maximum(col_max, logits.amax(dim=0))
             col_sum.mul_(torch.exp(col_max - new_max)).add_(logits.sub_(new_max).exp_().sum(dim=0))
             col_max = new_max
@@ -101,24 +144,22 @@ class _SymmetricInfoNCEChunked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
-        batch, chunk_size = image.shape[0], ctx.chunk_size
+        batch = image.shape[0]
         scale = logit_scale.reshape(())
         # d loss / d logits = 0.5/B * (softmax_rows + softmax_cols - 2 * I), times the incoming scalar gradient.
         coef = grad_loss.to(row_lse.dtype) * (0.5 / batch)
         grad_image = torch.empty_like(image)
-        grad_text_unscaled = torch.zeros_like(text)
+        grad_text_unscaled = torch.zeros_like(text, dtype=row_lse.dtype)
         grad_scale = torch.zeros((), dtype=row_lse.dtype, device=image.device)
-        for start in range(0, batch, chunk_size):
-            stop = min(start + chunk_size, batch)
-            logits = _chunk_logits(image[start:stop], text, scale)
-            probs_rows = torch.sub(logits, row_lse[start:stop, None]).exp_()
+        scratch = torch.empty(min(ctx.chunk_size, batch), batch, dtype=row_lse.dtype, device=image.device)
+        for start, stop, logits in _row_chunks(image, text, scale, ctx.chunk_size):
+            probs_rows = torch.sub(logits, row_lse[start:stop, None], out=scratch[: stop - start]).exp_()
             grad_logits = logits.sub_(col_lse).exp_().add_(probs_rows)
             grad_logits.diagonal(offset=start).sub_(2.0)
-            grad_logits = grad_logits.mul_(coef).to(image.dtype)
             grad_scale += _backprop_chunk(
-                grad_logits, image[start:stop], text, scale, grad_image[start:stop], grad_text_unscaled
+                grad_logits.mul_(coef), image[start:stop], text, scale, grad_image[start:stop], grad_text_unscaled
             )
-        grad_text = grad_text_unscaled.mul_(scale.to(text.dtype))
+        grad_text = grad_text_unscaled.mul_(scale).to(text.dtype)
         return grad_image, grad_text, grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None
 
 
@@ -136,12 +177,10 @@ class _InfoNCERowsChunked(torch.autograd.Function):
         stats_dtype = _stats_dtype(rows.dtype)
         lse = torch.empty(batch, dtype=stats_dtype, device=rows.device)
         positives = torch.empty(batch, dtype=stats_dtype, device=rows.device)
-        for start in range(0, batch, chunk_size):
-            stop = min(start + chunk_size, batch)
-            logits = _chunk_logits(rows[start:stop], cols, scale)  # [k, N]
+        scratch = torch.empty(min(chunk_size, batch), cols.shape[0], dtype=stats_dtype, device=rows.device)
+        for start, stop, logits in _row_chunks(rows, cols, scale, chunk_size):
             positives[start:stop] = logits.diagonal(offset=offset + start)
-            row_max = logits.amax(dim=1, keepdim=True)
-            lse[start:stop] = logits.sub_(row_max).exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
+            lse[start:stop] = _row_logsumexp(logits, scratch)
         ctx.offset, ctx.chunk_size = offset, chunk_size
         ctx.save_for_backward(rows, cols, logit_scale, lse)
         return (lse - positives).mean()
@@ -149,21 +188,18 @@ class _InfoNCERowsChunked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         rows, cols, logit_scale, lse = ctx.saved_tensors
-        batch, offset, chunk_size = rows.shape[0], ctx.offset, ctx.chunk_size
         scale = logit_scale.reshape(())
-        coef = grad_loss.to(lse.dtype) / batch
+        coef = grad_loss.to(lse.dtype) / rows.shape[0]
         grad_rows = torch.empty_like(rows)
-        grad_cols_unscaled = torch.zeros_like(cols)
+        grad_cols_unscaled = torch.zeros_like(cols, dtype=lse.dtype)
         grad_scale = torch.zeros((), dtype=lse.dtype, device=rows.device)
-        for start in range(0, batch, chunk_size):
-            stop = min(start + chunk_size, batch)
-            grad_logits = _chunk_logits(rows[start:stop], cols, scale).sub_(lse[start:stop, None]).exp_()
-            grad_logits.diagonal(offset=offset + start).sub_(1.0)  # softmax - onehot
-            grad_logits = grad_logits.mul_(coef).to(rows.dtype)
+        for start, stop, logits in _row_chunks(rows, cols, scale, ctx.chunk_size):
+            grad_logits = logits.sub_(lse[start:stop, None]).exp_()
+            grad_logits.diagonal(offset=ctx.offset + start).sub_(1.0)  # softmax - onehot
             grad_scale += _backprop_chunk(
-                grad_logits, rows[start:stop], cols, scale, grad_rows[start:stop], grad_cols_unscaled
+                grad_logits.mul_(coef), rows[start:stop], cols, scale, grad_rows[start:stop], grad_cols_unscaled
             )
-        grad_cols = grad_cols_unscaled.mul_(scale.to(cols.dtype))
+        grad_cols = grad_cols_unscaled.mul_(scale).to(cols.dtype)
         return grad_rows, grad_cols, grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None, None
 
 
@@ -212,7 +248,7 @@ class ContrastiveLoss(nn.Module):
     def _single_process(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         if self.chunk_size is not None:
             return _SymmetricInfoNCEChunked.apply(image, text, logit_scale, self.chunk_size)
-        logits = _chunk_logits(image, text, logit_scale.reshape(()))
+        logits = _logits(image, text, logit_scale.reshape(()))
         labels = torch.arange(image.shape[0], device=image.device)
         # The text->image logits are the transpose: one matmul instead of open_clip's two.
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
@@ -229,8 +265,8 @@ class ContrastiveLoss(nn.Module):
         scale = logit_scale.reshape(())
         labels = torch.arange(offset, offset + image.shape[0], device=image.device)
         return 0.5 * (
-            F.cross_entropy(_chunk_logits(image, all_text, scale), labels)
-            + F.cross_entropy(_chunk_logits(text, all_image, scale), labels)
+            F.cross_entropy(_logits(image, all_text, scale), labels)
+            + F.cross_entropy(_logits(text, all_image, scale), labels)
         )
 
 

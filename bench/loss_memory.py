@@ -1,0 +1,159 @@
+"""Peak memory and time of the contrastive loss, forward + backward: clipkit's chunked InfoNCE vs open_clip's ClipLoss.
+
+    python bench/loss_memory.py                       # B = 4096, 8192, 16384; D = 512; float32 CPU
+    python bench/loss_memory.py --sizes 4096 --chunk-sizes 0,512,1024,2048   # a K sweep (0 = clipkit unchunked)
+    python bench/loss_memory.py --sizes 1024 --repeats 1                     # smoke run, seconds
+
+Memory: every (implementation, B) runs in a fresh subprocess, so no allocator cache or earlier peak leaks in. RSS
+right after the inputs exist is the baseline; the kernel's peak-RSS counter of the process is then reset
+(/proc/self/clear_refs, "5") and read back after one forward + backward as VmHWM (/proc/self/status: the counter
+getrusage's ru_maxrss reports, without the maximum over exited threads that ru_maxrss also folds in). Reported:
+peak - baseline, the extra memory the loss needs, including the [B, D] feature gradients.
+Time: one subprocess per B builds the inputs once, warms every implementation up, then times --repeats forward +
+backward rounds, rotating the order each round, so a neighbour's load on a shared machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+GIB = 1024**3
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's high-water mark of this process' RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _loss_fn(chunk_size: int | None):
+    """chunk_size None: open_clip's ClipLoss; 0: clipkit unchunked; K: clipkit chunked."""
+    if chunk_size is None:
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss()
+    from clipkit.losses import ContrastiveLoss
+
+    return ContrastiveLoss(chunk_size=chunk_size or None)
+
+
+def _inputs(batch: int, dim: int):
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).requires_grad_()
+    log_scale = torch.tensor([math.log(1 / 0.07)], requires_grad=True)  # CLIP's initial temperature
+    return image, text, log_scale
+
+
+def _step(loss_fn, image, text, log_scale) -> tuple[float, float]:
+    """One forward + backward as in training (scale exponentiated inside); returns (seconds, loss)."""
+    image.grad = text.grad = log_scale.grad = None
+    start = time.perf_counter()
+    loss = loss_fn(image, text, log_scale.exp())
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    assert image.grad is not None and text.grad is not None and log_scale.grad is not None
+    return elapsed, loss.item()
+
+
+def _memory_worker(chunk_size: int | None, batch: int, dim: int) -> dict:
+    loss_fn = _loss_fn(chunk_size)
+    inputs = _inputs(batch, dim)
+    baseline = _rss_bytes()
+    peak_was_reset = _reset_peak_rss()
+    _, loss = _step(loss_fn, *inputs)
+    # Without the reset this is the lifetime peak, which can only over-state the extra memory.
+    return {"extra_bytes": max(_peak_rss_bytes() - baseline, 0), "peak_reset": peak_was_reset, "loss": loss}
+
+
+def _time_worker(chunk_sizes: list[int | None], batch: int, dim: int, repeats: int) -> dict:
+    import torch
+
+    inputs = _inputs(batch, dim)
+    loss_fns = [_loss_fn(k) for k in chunk_sizes]
+    losses = [_step(fn, *inputs)[1] for fn in loss_fns]  # warm-up
+    times: list[list[float]] = [[] for _ in loss_fns]
+    for r in range(repeats):
+        for i in [(r + j) % len(loss_fns) for j in range(len(loss_fns))]:
+            times[i].append(_step(loss_fns[i], *inputs)[0])
+    return {
+        "best_s": [min(t) for t in times],
+        "median_s": [statistics.median(t) for t in times],
+        "loss": losses,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _run_worker(*args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(args)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from clipkit.losses import RECOMMENDED_CHUNK_SIZE
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="4096,8192,16384", help="comma-separated batch sizes B")
+    parser.add_argument("--dim", type=int, default=512, help="feature dimension D")
+    parser.add_argument(
+        "--chunk-sizes", default=str(RECOMMENDED_CHUNK_SIZE), help="comma-separated K for clipkit (0 = unchunked)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward rounds after the warm-up")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    impls: list[int | None] = [None] + [int(k) for k in args.chunk_sizes.split(",")]
+    names = ["open_clip ClipLoss"] + [f"clipkit K={k}" if k else "clipkit unchunked" for k in impls[1:]]
+
+    print("| B | implementation | extra peak RSS | fwd+bwd best (median) | mem ours/open_clip | time open_clip/ours |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for batch in sizes:
+        memory = [_run_worker("memory", k, batch, args.dim) for k in impls]
+        timing = _run_worker("time", impls, batch, args.dim, args.repeats)
+        # Same inputs everywhere: a wrong loss shows up here before anyone reads the numbers.
+        for loss in [m["loss"] for m in memory] + timing["loss"]:
+            if not math.isclose(loss, memory[0]["loss"], rel_tol=1e-4):
+                raise SystemExit(f"loss mismatch at B={batch}: {loss} vs open_clip {memory[0]['loss']}")
+        for i, name in enumerate(names):
+            mem, best, median = memory[i]["extra_bytes"], timing["best_s"][i], timing["median_s"][i]
+            ratios = f"{mem / memory[0]['extra_bytes']:.3f} | {timing['best_s'][0] / best:.2f}" if i else "1 | 1"
+            print(f"| {batch} | {name} | {mem / GIB:.3f} GiB | {best:.2f} s ({median:.2f} s) | {ratios} |", flush=True)
+    print(f"\nD={args.dim}, float32, CPU, torch threads={timing['threads']}, best of {args.repeats} rounds")
+    if not all(m["peak_reset"] for m in memory):
+        print("note: /proc/self/clear_refs not writable: peaks are lifetime peaks (over-state the extra memory)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        mode, *worker_args = json.loads(sys.argv[2])
+        worker = _memory_worker if mode == "memory" else _time_worker
+        print(json.dumps(worker(*worker_args)))
+    else:
+        main()
