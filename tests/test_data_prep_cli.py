@@ -18,7 +18,9 @@ import webdataset as wds
 
 from clipkit.data_prep import ShardConfig, build_shards
 from clipkit.data_prep.distributors import run_on_processes
-from clipkit.data_prep.shard import ShardJob
+from clipkit.data_prep.pipeline import plan_jobs
+from clipkit.data_prep.readers import read_dump
+from clipkit.data_prep.shard import ShardJob, run_shard
 from tests.data_prep_helpers import HTML_PAGE, ImageServer, Route, jpeg_bytes, rgba_png_bytes, write_dump
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,16 +118,16 @@ def test_reruns_are_byte_identical_and_resume_skips_complete_shards(local_dump, 
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
-    images = {f"/{i}.jpg": Route(jpeg_bytes(60 + i, 50, seed=i), delay=0.04) for i in range(48)}
+    images = {f"/{i}.jpg": Route(jpeg_bytes(60 + i, 50, seed=i), delay=0.04) for i in range(47)}
     images["/dup.jpg"] = Route(images["/3.jpg"].body, delay=0.04)
     with ImageServer(images) as server:
         rows = [{"url": server.url(p), "caption": f"caption {p}"} for p in images]
         dump = write_dump(str(tmp_path / "urls.tsv"), rows, ["url", "caption"])
-        args = [dump, "--url-col", "url", "--caption-col", "caption", "--samples-per-shard", "7",
+        args = [dump, "--url-col", "url", "--caption-col", "caption", "--samples-per-shard", "12",
                 "--image-size", "32", "--threads", "2", "--allow-private-network", "--dedup"]
         reference = tmp_path / "reference"
         build_shards(ShardConfig(inputs=[dump], output=str(reference), url_col="url", caption_col="caption",
-                                 samples_per_shard=7, image_size=32, threads=2, allow_private_network=True, dedup=True,
+                                 samples_per_shard=12, image_size=32, threads=2, allow_private_network=True, dedup=True,
                                  workers=1, progress=False), log=io.StringIO())
 
         out = tmp_path / "killed"
@@ -137,24 +139,62 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and process.poll() is None:
                 names = os.listdir(out) if out.exists() else []
-                if any(n.endswith("_stats.json") for n in names) and any(".tmp" in n for n in names):
-                    break
+                journals = [out / n for n in names if n.endswith(".rows.partial")]
+                if any(n.endswith("_stats.json") for n in names) and any(3 <= _lines(j) < 10 for j in journals):
+                    break  # one shard complete, another one half-written
                 time.sleep(0.01)
             assert process.poll() is None, "the run finished before it could be killed"
         finally:
             os.killpg(process.pid, signal.SIGKILL)  # the whole tree, like an OOM kill or a lost machine
             process.wait(timeout=30)
         partial = sorted(n for n in os.listdir(out) if n.endswith("_stats.json"))
-        assert 1 <= len(partial) < 7
+        assert 1 <= len(partial) < 4
 
         resumed = _cli(*args, "--output", str(out), "--workers", "2")
         assert resumed.returncode == 0, resumed.stderr
-        assert f"resuming: {len(partial)} of 7 shards already complete" in resumed.stdout
+        assert f"resuming: {len(partial)} of 4 shards already complete" in resumed.stdout
 
-    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    assert not [n for n in os.listdir(out) if ".tmp" in n or ".partial" in n]
     assert _shard_files(out) == _shard_files(reference)
+    resumed_rows = [json.loads(p.read_text())["resumed_rows"] for p in out.glob("*_stats.json")]
+    assert sum(resumed_rows) >= 2  # the half-written shard went on from its last finished row
     keys = [k for t in sorted(out.glob("*.parquet")) for k in pq.read_table(t).column("key").to_pylist()]
-    assert len(keys) == len(set(keys)) == 49
+    assert len(keys) == len(set(keys)) == 48
+
+
+def _lines(path):
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_row_level_resume_in_process(local_dump, tmp_path):
+    """A shard interrupted after row 5 goes on from row 6 and ends byte-identical to an uninterrupted one."""
+    config = ShardConfig(inputs=[str(local_dump / "dump.parquet")], output=str(tmp_path / "ref"), path_col="path",
+                         caption_col="caption", extra_cols=["license"], samples_per_shard=12, image_size=40,
+                         workers=1, threads=2, dedup=True, progress=False)
+    table = read_dump(config.inputs, "path", "caption", ["license"], local=True)
+    job = plan_jobs(table, config)[2]  # rows 24..35: the duplicate, the RGBA PNG, the HTML page, the missing file
+    os.makedirs(config.output)
+    reference = run_shard(job, config)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_six(done):
+        if done >= 6:
+            raise Interrupt
+
+    config.output = str(tmp_path / "resumed")
+    os.makedirs(config.output)
+    counted = []
+    with pytest.raises(Interrupt):
+        run_shard(job, config, lambda n: (counted.append(n), stop_after_six(sum(counted))))
+    assert sorted(os.listdir(config.output)) == ["00002.rows.partial", "00002.tar.partial"]
+    stats = run_shard(job, config)
+    assert stats["resumed_rows"] >= 6 and reference["resumed_rows"] == 0
+    assert _shard_files(tmp_path / "resumed") == _shard_files(tmp_path / "ref")
 
 
 def test_bad_input_fails_before_any_work(local_dump, tmp_path):

@@ -208,6 +208,14 @@ def test_resize_modes(mode, source, expected):
         assert img.convert("RGB").getpixel((32, 2)) == pytest.approx((255, 255, 255), abs=6)
 
 
+@pytest.mark.parametrize("size", [(206, 240), (240, 206), (1021, 767), (333, 1000), (257, 256), (1600, 1199)])
+def test_center_crop_any_source_size(size):
+    """Odd sizes (and JPEG draft scaling of them) must not produce a crop box outside the image."""
+    for target in (64, 224, 256):
+        out = process_image(jpeg_bytes(*size, seed=size[0]), ImageOptions(image_size=target))
+        assert _decode(out.data).size == (target, target)
+
+
 def test_resize_only_if_bigger_and_formats():
     options = ImageOptions(image_size=64, resize_mode="keep_ratio", resize_only_if_bigger=True, format="webp")
     out = process_image(jpeg_bytes(40, 30), options)

@@ -87,6 +87,7 @@ def dedup_across_shards(jobs: List[ShardJob], output: str) -> None:
         write_parquet(paths["parquet"], records, extra)
         old = read_json(paths["stats"]) or {}
         stats = shard_stats(job, records, tar_bytes, old.get("duration_s", 0.0))
+        stats["resumed_rows"] = old.get("resumed_rows", 0)
         write_json(paths["stats"], stats)
 
 

@@ -135,11 +135,9 @@ def _resize(
         return img
     if options.resize_mode == "center_crop" and out_size != upright:
         size = options.image_size
-        scale = size / min(width, height)
-        scaled_w, scaled_h = width * scale, height * scale
-        left, top = (scaled_w - size) / 2 / scale, (scaled_h - size) / 2 / scale
-        box = (left, top, left + size / scale, top + size / scale)
-        return _resample(img, (size, size), box)
+        side = min(width, height)  # the crop is the centred side x side square, in source pixels
+        left, top = (width - side) / 2, (height - side) / 2
+        return _resample(img, (size, size), (left, top, left + side, top + side))
     if options.resize_mode == "border":
         scale = options.image_size / max(width, height)
         inner = (max(1, round(width * scale)), max(1, round(height * scale)))

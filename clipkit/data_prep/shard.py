@@ -6,6 +6,7 @@ the tar is the same whatever order the downloads finish in.
 """
 
 import hashlib
+import os
 import re
 import time
 from collections import Counter, deque
@@ -18,6 +19,7 @@ import pyarrow as pa
 from clipkit.data_prep.captions import clean_caption
 from clipkit.data_prep.config import ShardConfig
 from clipkit.data_prep.fetch import FetchError, HttpFetcher, read_local
+from clipkit.data_prep.journal import RowJournal
 from clipkit.data_prep.process import ImageOptions, ProcessedImage, process_image
 from clipkit.data_prep.writer import TarWriter, remove_stale_temporaries, shard_paths, write_json, write_parquet
 from clipkit.images import ImageRejected
@@ -105,20 +107,30 @@ class _RowWorker:
 
 
 def run_shard(job: ShardJob, config: ShardConfig, progress: Callable[[int], None] | None = None) -> Dict[str, Any]:
-    """Builds NNNNN.tar, NNNNN.parquet and NNNNN_stats.json for one job; returns the stats."""
+    """Builds NNNNN.tar, NNNNN.parquet and NNNNN_stats.json for one job; returns the stats.
+
+    Continues from the last finished row when a killed run left this shard's .partial files (see journal.py).
+    """
     start = time.monotonic()
     paths = shard_paths(config.output, job.name)
     remove_stale_temporaries(config.output, job.name)
-    rows = job.rows.to_pylist()
+    journal = RowJournal(paths["journal"], job.fingerprint)
+    partial, rows = os.path.exists(paths["tar"] + ".partial"), job.rows.to_pylist()
+    records, offset = journal.open(tar_exists=partial or os.path.exists(paths["tar"]))
+    resumed = len(records)
     extra_cols = list(config.extra_cols)
+    if resumed == len(rows) and not partial and os.path.exists(paths["tar"]):
+        # killed after the tar was renamed into place: only the parquet and the stats are missing
+        return _finish(job, paths, records, extra_cols, os.path.getsize(paths["tar"]), journal, start, resumed)
     worker = _RowWorker(config, config.image_options())
-    tar = TarWriter(paths["tar"])
-    records: List[Dict[str, Any]] = []
-    seen: Dict[str, str] = {}
+    tar = TarWriter(paths["tar"], resume_offset=offset if resumed else None)
+    seen = {r["sha256"]: r["key"] for r in records if r["status"] == SUCCESS and config.dedup}
+    if progress is not None and resumed:
+        progress(resumed)
     pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"shard{job.name}")
     try:
-        results = _bounded_ordered_map(pool, worker, rows, window=config.threads * 3)
-        for index, (row, record) in enumerate(zip(rows, results)):
+        results = _bounded_ordered_map(pool, worker, rows[resumed:], window=config.threads * 3)
+        for index, (row, record) in enumerate(zip(rows[resumed:], results), start=resumed):
             key = shard_key(job, index)
             image = record.pop("image")
             record.update(key=key, source=row["source"], extras={c: row[c] for c in extra_cols})
@@ -131,19 +143,27 @@ def run_shard(job: ShardJob, config: ShardConfig, progress: Callable[[int], None
                 meta.update({n: record.get(n) for n in ("original_width", "original_height", "original_bytes")})
                 meta.update(record["extras"], sha256=record["sha256"])
                 tar.add_sample(key, image.ext, image.data, record["caption"], meta)
+                tar.flush()  # the tar bytes are in the file before the journal says the row is done
+            journal.append(record, tar.offset)
             records.append(record)
             if progress is not None and (index % 16 == 15 or index == len(rows) - 1):
                 progress(index % 16 + 1)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        tar.abort()
+        tar.close_partial()
+        journal.close(remove=False)
         raise
     pool.shutdown(wait=True)
     worker.close()
-    tar_bytes = tar.commit()
+    return _finish(job, paths, records, extra_cols, tar.commit(), journal, start, resumed)
+
+
+def _finish(job, paths, records, extra_cols, tar_bytes, journal, start, resumed) -> Dict[str, Any]:
     write_parquet(paths["parquet"], records, extra_cols)
     stats = shard_stats(job, records, tar_bytes, time.monotonic() - start)
+    stats["resumed_rows"] = resumed
     write_json(paths["stats"], stats)  # last: marks the shard complete
+    journal.close(remove=True)
     return stats
 
 

@@ -33,6 +33,7 @@ def shard_paths(output_dir: str, name: str) -> Dict[str, str]:
         "tar": os.path.join(output_dir, f"{name}.tar"),
         "parquet": os.path.join(output_dir, f"{name}.parquet"),
         "stats": os.path.join(output_dir, f"{name}_stats.json"),
+        "journal": os.path.join(output_dir, f"{name}.rows.partial"),
     }
 
 
@@ -41,10 +42,10 @@ def _temporary(path: str) -> str:
 
 
 def remove_stale_temporaries(output_dir: str, name: str) -> None:
-    """Deletes leftovers of a killed run for this shard (NNNNN.tar.tmpPID and friends)."""
-    prefix = f"{name}"
+    """Deletes leftovers of a killed run for this shard (NNNNN.parquet.tmpPID and friends; not the .partial files
+    that a resume continues from)."""
     for entry in os.listdir(output_dir):
-        if entry.startswith(prefix) and ".tmp" in entry:
+        if entry.startswith(f"{name}.") and ".tmp" in entry:
             try:
                 os.remove(os.path.join(output_dir, entry))
             except FileNotFoundError:
@@ -52,12 +53,30 @@ def remove_stale_temporaries(output_dir: str, name: str) -> None:
 
 
 class TarWriter:
-    """Writes members to `path` through a temporary file; `commit()` renames it into place."""
+    """Writes members to `path + ".partial"`; `commit()` renames it into place.
 
-    def __init__(self, path: str):
+    `resume_offset`: continue a partial tar of a killed run, cut back to the end of its last complete row.
+    """
+
+    def __init__(self, path: str, resume_offset: int | None = None):
         self.path = path
-        self.tmp_path = _temporary(path)
-        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        self.tmp_path = f"{path}.partial"
+        if resume_offset is None:
+            self._file = open(self.tmp_path, "wb")
+        else:
+            self._file = open(self.tmp_path, "r+b")
+            self._file.truncate(resume_offset)
+            self._file.seek(resume_offset)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar.offset = resume_offset or 0  # tarfile pads the archive end relative to this
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far: where the next member starts."""
+        return self._tar.offset
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -76,13 +95,13 @@ class TarWriter:
     def commit(self) -> int:
         """Closes and renames into place; returns the tar's size in bytes."""
         self._tar.close()
+        self._file.close()
         os.replace(self.tmp_path, self.path)
         return os.path.getsize(self.path)
 
-    def abort(self) -> None:
-        self._tar.close()
-        if os.path.exists(self.tmp_path):
-            os.remove(self.tmp_path)
+    def close_partial(self) -> None:
+        """Stops writing but keeps the partial file, for a later resume."""
+        self._file.close()
 
 
 def filter_tar(path: str, drop_keys: Iterable[str]) -> int:
@@ -96,7 +115,8 @@ def filter_tar(path: str, drop_keys: Iterable[str]) -> int:
                     continue
                 writer.add(member.name, source.extractfile(member).read())
     except BaseException:
-        writer.abort()
+        writer.close_partial()
+        os.remove(writer.tmp_path)
         raise
     return writer.commit()
 
