@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple, Union
 
@@ -38,6 +39,9 @@ REASONS = (
 )
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_MAX_CHARS = 1000
+# Characters that change a caption's tokens without changing what it says: NUL (C-string bugs), zero-width
+# space/non-joiner/joiner, word joiner and BOMs pasted from web pages. open_clip's tokenizer keeps them as tokens.
+INVISIBLE_CHARS = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff]")
 
 
 def mix_seed(*parts: Union[int, str]) -> int:
@@ -133,8 +137,8 @@ class SampleSkipped(Exception):
 def sample_caption(raw: RawSample, max_chars: int = CAPTION_MAX_CHARS) -> str:
     """The caption of a raw sample: `txt`, else `caption`, else the "caption" field of `json`.
 
-    UTF-8 only (invalid bytes -> SampleSkipped("bad_caption")); NULs removed, whitespace stripped, then cut to
-    `max_chars` characters. No or empty caption -> SampleSkipped("missing_caption").
+    UTF-8 only (invalid bytes -> SampleSkipped("bad_caption")); NULs and zero-width characters removed, whitespace
+    stripped, then cut to `max_chars` characters. No or empty caption -> SampleSkipped("missing_caption").
     """
     data = raw.get("txt", raw.get("caption"))
     if data is None and "json" in raw:
@@ -151,7 +155,7 @@ def sample_caption(raw: RawSample, max_chars: int = CAPTION_MAX_CHARS) -> str:
             data = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise SampleSkipped("bad_caption") from e
-    text = data.replace("\x00", "").strip()[:max_chars]
+    text = INVISIBLE_CHARS.sub("", data).strip()[:max_chars]
     if not text:
         raise SampleSkipped("missing_caption")
     return text
