@@ -34,7 +34,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mm_stats(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b in the statistics dtype (into `out` when given) for inputs of any float dtype.
+    """a @ b in the statistics dtype (into `out` when given) for inputs of any float dtype; not differentiable.
 
     bf16/fp16 operands keep the fast low-precision matmul; on CUDA its float32 accumulator is written out directly
     (out_dtype) instead of being rounded to bf16 first, which costs each logit of magnitude ~14 up to 0.06.
@@ -57,6 +57,8 @@ def _logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, out: to
     the scale itself to bf16 (1/0.07 -> 14.3125) would bias every logit by 0.2%.
     """
     scaled_rows = (rows.to(_stats_dtype(rows.dtype)) * scale).to(rows.dtype)
+    if out is None:  # the plain path differentiates through this, and out_dtype matmuls have no autograd formula
+        return torch.mm(scaled_rows, cols.T).to(_stats_dtype(rows.dtype))
     return _mm_stats(scaled_rows, cols.T, out=out)
 
 
