@@ -67,6 +67,13 @@ class _RateLimitedLog:
 shard_warnings = _RateLimitedLog()
 
 
+def unsafe_member_name(name: str) -> bool:
+    """An absolute or parent-relative member name (`/etc/x.jpg`, `../x.jpg`): no shard writer makes one; it is how
+    tar path-traversal attacks start (CVE-2007-4559). Readers skip such members even though nothing here extracts to
+    disk, so a hostile shard cannot inject samples under names a later tool might write out."""
+    return name.startswith("/") or ".." in name.replace("\\", "/").split("/")
+
+
 def iter_shard(url: str) -> Iterator[RawSample]:
     """Yields the raw samples of one shard, then at most one error marker. Never raises for bad data."""
     try:
@@ -82,6 +89,9 @@ def iter_shard(url: str) -> Iterator[RawSample]:
         for info in tar:
             members += 1
             if not info.isreg() or META_MEMBER.match(info.name):
+                continue  # symlinks and hardlinks included: they are not regular members
+            if unsafe_member_name(info.name):
+                shard_warnings.warn("unsafe_member", f"{url}: skipped member {info.name!r}")
                 continue
             tar.members = []  # stream mode would otherwise keep every TarInfo of the shard
             prefix, suffix = base_plus_ext(info.name)

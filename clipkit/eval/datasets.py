@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from clipkit.data.tar_stream import unsafe_member_name
 from clipkit.images import ImageRejected, decode_image
 
 DATASET_KINDS = ("folder", "csv", "wds", "fashion-mnist")
@@ -88,7 +89,7 @@ def _tar_samples(path: str) -> Iterator[Dict[str, bytes]]:
     key = None
     with tarfile.open(path, "r|*") as tar:
         for member in tar:
-            if not member.isfile():
+            if not member.isfile() or unsafe_member_name(member.name):  # links, `../x`, `/abs/x`: never read
                 continue
             dirname, base = os.path.split(member.name)
             if "." not in base or base.startswith("."):
