@@ -126,7 +126,14 @@ def run_on_ray(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_pr
         raise RuntimeError("--distributor ray needs Ray: pip install 'clipkit[ray]'") from e
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False, logging_level="error")
+        local_cpus = (config.workers or None) if config.ray_address is None else None
+        ray.init(
+            address=config.ray_address,
+            num_cpus=local_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="error",
+        )
     try:
         # Output must be on storage every node sees (NFS, a shared disk): workers write shards straight into it.
         remote = ray.remote(num_cpus=1, max_retries=_ATTEMPTS - 1)(run_shard)

@@ -36,7 +36,9 @@ def plan_jobs(table: pa.Table, config: ShardConfig) -> List[ShardJob]:
     settings = config.output_settings()
     jobs = []
     for shard_id in range(count):
-        rows = table.slice(shard_id * per_shard, per_shard)
+        # take() copies: a slice would pickle the whole dump's buffers into every job sent to a worker
+        first = shard_id * per_shard
+        rows = table.take(pa.array(range(first, min(first + per_shard, table.num_rows))))
         jobs.append(
             ShardJob(
                 shard_id=shard_id,
