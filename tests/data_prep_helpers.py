@@ -104,8 +104,9 @@ class Route:
 class ImageServer:
     """A threaded HTTP server on 127.0.0.1 serving fixed routes; `with ImageServer(routes) as s: s.url('/a.jpg')`."""
 
-    def __init__(self, routes: Dict[str, Route]):
+    def __init__(self, routes: Dict[str, Route], tls_context=None):
         self.routes = routes
+        self.scheme = "https" if tls_context else "http"
         self.requests: List[str] = []
         server = self
 
@@ -143,10 +144,12 @@ class ImageServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.httpd.handle_error = lambda request, address: None  # clients closing keep-alive sockets is normal
+        if tls_context is not None:
+            self.httpd.socket = tls_context.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.httpd.server_address[1]}{path}"
 
     def __enter__(self) -> "ImageServer":
         self.thread.start()

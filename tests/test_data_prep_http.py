@@ -2,7 +2,9 @@
 
 import io
 import json
+import os
 import socket
+import ssl
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,3 +201,23 @@ def test_robots_opt_out_is_configurable(tmp_path, directives, status):
         results = _run_urls(tmp_path, [server.url("/noai.jpg")], allow_private_network=True,
                             disallowed_directives=directives)
     assert results[0]["status"] == status
+
+
+def test_https_uses_the_checked_address_and_verifies_the_name(tmp_path, monkeypatch):
+    """The TLS connection goes to the address the guard checked, with SNI and certificate check for the URL's host."""
+    cert = os.path.join(os.path.dirname(__file__), "data_prep_tls_cert.pem")  # CN/SAN img.test, self-signed
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, os.path.join(os.path.dirname(__file__), "data_prep_tls_key.pem"))
+    real_context = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: real_context(cafile=cert))
+    monkeypatch.setattr(ssrf, "resolve_host", lambda host, port: {"img.test": ["127.0.0.1"],
+                                                                  "other.test": ["127.0.0.1"]}[host])
+    connections = _ConnectionLog(monkeypatch)
+    with ImageServer(_routes(), tls_context=server_context) as server:
+        urls = [server.url("/ok.jpg", "img.test"), server.url("/moved.jpg", "img.test"),
+                server.url("/ok.jpg", "other.test")]
+        results = _run_urls(tmp_path, urls, allow_private_network=True)
+    assert [(r["status"], r["error_reason"]) for r in results] == [
+        ("success", None), ("success", None), ("failed_download", "tls_error")]
+    assert "certificate" in results[2]["error_message"]
+    assert set(connections.attempts) == {"127.0.0.1"}

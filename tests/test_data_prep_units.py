@@ -114,6 +114,24 @@ def test_local_paths_resolve_against_base_dir_or_dump_folder(tmp_path):
     assert based[0] == "/data/img/a.jpg"
 
 
+def test_shard_jobs_carry_only_their_own_rows():
+    """Jobs are pickled to worker processes: a zero-copy slice would drag the whole dump along with each one."""
+    import pickle
+
+    import pyarrow as pa
+
+    from clipkit.data_prep.config import ShardConfig
+    from clipkit.data_prep.pipeline import plan_jobs
+
+    n = 20000
+    table = pa.table({"source": [f"http://e.com/{i}.jpg" for i in range(n)], "caption": ["a caption"] * n,
+                      "location": pa.nulls(n, pa.string())})
+    jobs = plan_jobs(table, ShardConfig(inputs=[], output="", url_col="u", caption_col="c", samples_per_shard=1000))
+    assert len(jobs) == 20 and jobs[7].rows.column("source")[0].as_py() == "http://e.com/7000.jpg"
+    assert len(pickle.dumps(jobs[7])) < len(pickle.dumps(table)) / 10
+    assert len({job.fingerprint for job in jobs}) == 20
+
+
 # ---------------------------------------------------------------- SSRF guard
 
 

@@ -172,6 +172,9 @@ class HttpFetcher:
             except TimeoutError as e:
                 conn.close()
                 raise FetchError("failed_download", "timeout", f"no answer in {self.options.timeout:g}s", True) from e
+            except ssl.SSLError as e:  # bad or mismatched certificate: retrying will not help
+                conn.close()
+                raise FetchError("failed_download", "tls_error", str(e)) from e
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 raise FetchError("failed_download", "connection_error", f"{type(e).__name__}: {e}", True) from e
