@@ -7,6 +7,9 @@ one-process pool, and a job whose worker dies there too is reported as failed wh
 """
 
 import multiprocessing
+import os
+import signal
+import sys
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,9 +35,21 @@ def run_in_process(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, o
             on_done(job, stats, None)
 
 
-def _init_worker(counter) -> None:
+def _init_worker(counter, parent_pid: int) -> None:
     global _counter
     _counter = counter
+    _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A main process killed by SIGKILL (OOM killer, kill -9) runs no cleanup: without this its pool workers would
+    finish their shards unsupervised and then wait forever for work (found by the reliability suite)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _count(n: int) -> None:
@@ -58,7 +73,8 @@ def _run_round(
     width = min(config.process_count, len(jobs))
 
     def new_pool(workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(_counter,))
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                   initargs=(_counter, os.getpid()))
 
     queue, in_flight, died = deque(jobs), {}, []
     shared = None if isolated else new_pool(width)
