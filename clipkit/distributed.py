@@ -50,11 +50,16 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over ranks (a new tensor, no gradient; `t` is not modified). Single process: a detached copy."""
-    out = t.detach().clone()
-    if rank_world()[1] > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    """Sum of `t` over ranks: a new tensor on t's device, no gradient, `t` not modified. Single process: a copy.
+
+    The collective runs on the backend's device (a CPU tensor is moved to the GPU for NCCL and back), so callers can
+    reduce host-side counters and device-side losses alike.
+    """
+    if rank_world()[1] == 1:
+        return t.detach().clone()
+    out = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
