@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Sequence
 
 SCHEMA_KEYS = ("dataset", "model", "pretrained", "task", "metrics")
 ID_COLUMNS = ("model", "pretrained", "dataset", "task")
+OPTIONAL_ID_COLUMNS = ("templates", "train_dataset")  # shown when some result has them
 
 
 def make_result(dataset: str, model: str, pretrained: str, task: str, metrics: Dict, **extra) -> Dict:
@@ -32,7 +33,9 @@ def write_result(result: Dict, path: str) -> None:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.1e}"
     return str(v)
 
 
@@ -66,11 +69,12 @@ def load_results(paths: Iterable[str]) -> List[Dict]:
 
 def to_rows(results: Sequence[Dict]) -> tuple:
     """(columns, rows): the id columns, then every metric name in order of first appearance."""
+    ids = list(ID_COLUMNS) + [c for c in OPTIONAL_ID_COLUMNS if any(c in r for r in results)]
     metric_cols: List[str] = []
     for r in results:
         metric_cols += [k for k in r["metrics"] if k not in metric_cols]
-    rows = [{**{c: r.get(c, "") for c in ID_COLUMNS}, **r["metrics"]} for r in results]
-    return list(ID_COLUMNS) + metric_cols, rows
+    rows = [{**{c: r.get(c, "") for c in ids}, **r["metrics"]} for r in results]
+    return ids + metric_cols, rows
 
 
 def to_csv(results: Sequence[Dict]) -> str:
