@@ -4,8 +4,8 @@ Speed without losing safety:
 - size, aspect ratio and pixel count are checked from the header (clipkit.images.probe_image) before any pixel is
   decoded, so decompression bombs cost nothing;
 - JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the target allows it (`Image.draft`: libjpeg's DCT scaling);
-- resizing uses PIL's `reducing_gap` (an integer `reduce()` first, then the filter on a small image), and a center
-  crop resizes only the crop box;
+- downscaling is area averaging (BOX, like img2dataset's INTER_AREA) with PIL's `reducing_gap`, and a center crop
+  resizes only the crop box;
 - an image already in the output format and size is copied byte for byte; it is still decoded (at 1/8 scale for a
   JPEG) so a truncated file is not copied.
 """
@@ -150,6 +150,8 @@ def _resize(
 
 def _resample(img: Image.Image, size: Tuple[int, int], box=None) -> Image.Image:
     source_w = (box[2] - box[0]) if box else img.width
-    if size[0] < source_w:  # downscale: integer reduce() then bicubic (antialiased) on the small image
-        return img.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
-    return img.resize(size, Image.Resampling.LANCZOS, box=box)
+    if size[0] < source_w:
+        # Downscale: area averaging (img2dataset's cv2.INTER_AREA), with an integer reduce() first when the factor is
+        # large. Half the CPU of an antialiased bicubic at the same output quality for photos.
+        return img.resize(size, Image.Resampling.BOX, box=box, reducing_gap=3.0)
+    return img.resize(size, Image.Resampling.LANCZOS, box=box)  # upscale: lanczos, as img2dataset
