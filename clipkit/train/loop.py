@@ -126,6 +126,9 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.warmup, cfg.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.loss_fn = build_loss(cfg.loss, cfg.loss_chunk_size)
+        # DeepSpeed bf16 keeps the module's weights in bf16 and does not autocast: images must arrive in bf16 too
+        # (float32 images meet bf16 conv weights otherwise). Without DeepSpeed, accelerate autocasts fp32 weights.
+        self.image_dtype = torch.bfloat16 if is_deepspeed(self.accelerator) and cfg.precision == "bf16" else None
 
         self.fingerprint = ckpt.fingerprint(self.model_cfg, cfg, self.world)
         self.step = 0
@@ -232,7 +235,8 @@ class Trainer:
         """
         acc, model, ga = self.accelerator, self.model, self.cfg.grad_accum
         dev = acc.device
-        micro = [(b["image"].to(dev, non_blocking=True), b["text"].to(dev, non_blocking=True)) for b in batches]
+        micro = [(b["image"].to(dev, dtype=self.image_dtype, non_blocking=True), b["text"].to(dev, non_blocking=True))
+                 for b in batches]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         poison = self.faults.poison(self.step + 1, self.rank)
         if ga == 1:
