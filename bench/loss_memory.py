@@ -10,7 +10,9 @@ right after the inputs exist is the baseline; the kernel's peak-RSS counter of t
 getrusage's ru_maxrss reports, without the maximum over exited threads that ru_maxrss also folds in). Reported:
 peak - baseline, the extra memory the loss needs, including the [B, D] feature gradients.
 Time: one subprocess per B builds the inputs once, warms every implementation up, then times --repeats forward +
-backward rounds, rotating the order each round, so a neighbour's load on a shared machine hits all of them alike.
+backward rounds, rotating the order each round, so a neighbour's load on a shared machine hits all of them alike. CPU
+time (time.process_time, all threads of the process) is printed beside the wall time: on a machine shared with
+other jobs it tracks the work done better than the wall clock, which then mostly measures waiting for a core.
 """
 
 from __future__ import annotations
@@ -72,15 +74,15 @@ def _inputs(batch: int, dim: int):
     return image, text, log_scale
 
 
-def _step(loss_fn, image, text, log_scale) -> tuple[float, float]:
-    """One forward + backward as in training (scale exponentiated inside); returns (seconds, loss)."""
+def _step(loss_fn, image, text, log_scale) -> tuple[float, float, float]:
+    """One forward + backward as in training (scale exponentiated inside); returns (wall s, process CPU s, loss)."""
     image.grad = text.grad = log_scale.grad = None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = loss_fn(image, text, log_scale.exp())
     loss.backward()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert image.grad is not None and text.grad is not None and log_scale.grad is not None
-    return elapsed, loss.item()
+    return elapsed, cpu, loss.item()
 
 
 def _memory_worker(chunk_size: int | None, batch: int, dim: int) -> dict:
@@ -88,7 +90,7 @@ def _memory_worker(chunk_size: int | None, batch: int, dim: int) -> dict:
     inputs = _inputs(batch, dim)
     baseline = _rss_bytes()
     peak_was_reset = _reset_peak_rss()
-    _, loss = _step(loss_fn, *inputs)
+    loss = _step(loss_fn, *inputs)[-1]
     # Without the reset this is the lifetime peak, which can only over-state the extra memory.
     return {"extra_bytes": max(_peak_rss_bytes() - baseline, 0), "peak_reset": peak_was_reset, "loss": loss}
 
@@ -98,14 +100,18 @@ def _time_worker(chunk_sizes: list[int | None], batch: int, dim: int, repeats: i
 
     inputs = _inputs(batch, dim)
     loss_fns = [_loss_fn(k) for k in chunk_sizes]
-    losses = [_step(fn, *inputs)[1] for fn in loss_fns]  # warm-up
+    losses = [_step(fn, *inputs)[-1] for fn in loss_fns]  # warm-up
     times: list[list[float]] = [[] for _ in loss_fns]
+    cpu_times: list[list[float]] = [[] for _ in loss_fns]
     for r in range(repeats):
         for i in [(r + j) % len(loss_fns) for j in range(len(loss_fns))]:
-            times[i].append(_step(loss_fns[i], *inputs)[0])
+            wall, cpu, _ = _step(loss_fns[i], *inputs)
+            times[i].append(wall)
+            cpu_times[i].append(cpu)
     return {
         "best_s": [min(t) for t in times],
         "median_s": [statistics.median(t) for t in times],
+        "cpu_s": [min(t) for t in cpu_times],
         "loss": losses,
         "threads": torch.get_num_threads(),
     }
@@ -132,8 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     impls: list[int | None] = [None] + [int(k) for k in args.chunk_sizes.split(",")]
     names = ["open_clip ClipLoss"] + [f"clipkit K={k}" if k else "clipkit unchunked" for k in impls[1:]]
 
-    print("| B | implementation | extra peak RSS | fwd+bwd best (median) | mem ours/open_clip | time open_clip/ours |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print(
+        "| B | implementation | extra peak RSS | fwd+bwd wall, best (median) | CPU time | mem ours/open_clip "
+        "| wall open_clip/ours | CPU open_clip/ours |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for batch in sizes:
         memory = [_run_worker("memory", k, batch, args.dim) for k in impls]
         timing = _run_worker("time", impls, batch, args.dim, args.repeats)
@@ -141,10 +150,19 @@ def main(argv: list[str] | None = None) -> None:
         for loss in [m["loss"] for m in memory] + timing["loss"]:
             if not math.isclose(loss, memory[0]["loss"], rel_tol=1e-4):
                 raise SystemExit(f"loss mismatch at B={batch}: {loss} vs open_clip {memory[0]['loss']}")
+        ref_mem, ref_wall, ref_cpu = memory[0]["extra_bytes"], timing["best_s"][0], timing["cpu_s"][0]
         for i, name in enumerate(names):
-            mem, best, median = memory[i]["extra_bytes"], timing["best_s"][i], timing["median_s"][i]
-            ratios = f"{mem / memory[0]['extra_bytes']:.3f} | {timing['best_s'][0] / best:.2f}" if i else "1 | 1"
-            print(f"| {batch} | {name} | {mem / GIB:.3f} GiB | {best:.2f} s ({median:.2f} s) | {ratios} |", flush=True)
+            mem, wall, median, cpu = (
+                memory[i]["extra_bytes"],
+                timing["best_s"][i],
+                timing["median_s"][i],
+                timing["cpu_s"][i],
+            )
+            ratios = f"{mem / ref_mem:.3f} | {ref_wall / wall:.2f} | {ref_cpu / cpu:.2f}" if i else "1 | 1 | 1"
+            print(
+                f"| {batch} | {name} | {mem / GIB:.3f} GiB | {wall:.2f} s ({median:.2f} s) | {cpu:.2f} s | {ratios} |",
+                flush=True,
+            )
     print(f"\nD={args.dim}, float32, CPU, torch threads={timing['threads']}, best of {args.repeats} rounds")
     if not all(m["peak_reset"] for m in memory):
         print("note: /proc/self/clear_refs not writable: peaks are lifetime peaks (over-state the extra memory)")
