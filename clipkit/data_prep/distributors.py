@@ -64,13 +64,15 @@ def _run_counted(job: ShardJob, config: ShardConfig) -> Dict[str, Any]:
 def _run_round(
     jobs: List[ShardJob], config: ShardConfig, isolated: bool, on_done: OnDone, progress: Callable[[], None]
 ) -> List[ShardJob]:
-    """Runs `jobs`, at most `process_count` at a time; returns the jobs whose worker process died.
+    """Runs `jobs` on `process_count` processes; returns the jobs whose worker process died.
 
-    At most as many jobs as workers are in flight, so when a pool breaks every job in flight really was running.
-    With `isolated`, each job gets its own one-process pool, so a death is pinned on the job that caused it.
+    One job waits queued per worker, so a worker never idles between shards while this loop is slow to be scheduled.
+    When a pool breaks, the jobs in flight (running or queued) are returned and rerun isolated: each in its own
+    one-process pool, so a death is pinned on the job that caused it.
     """
     context = multiprocessing.get_context("spawn")
     width = min(config.process_count, len(jobs))
+    depth = width if isolated else 2 * width
 
     def new_pool(workers: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
@@ -81,7 +83,7 @@ def _run_round(
     broke = False
     try:
         while queue or in_flight:
-            while queue and len(in_flight) < width and not broke:
+            while queue and len(in_flight) < depth and not broke:
                 job = queue.popleft()
                 pool = shared or new_pool(1)
                 in_flight[pool.submit(_run_counted, job, config)] = (job, pool)

@@ -141,6 +141,8 @@ def build_shards(config: ShardConfig, log: TextIO | None = None) -> Dict[str, An
         bar.close()
     if config.dedup and not failures:
         dedup_across_shards(jobs, config.output)
+    elif config.dedup:
+        print("duplicates across shards are removed once every shard is complete: run the command again", file=log)
     elapsed = time.monotonic() - start
     manifest = _write_totals(config, jobs, todo, failures, elapsed, table.num_rows)
     _print_summary(manifest, log)

@@ -125,8 +125,7 @@ def run_shard(job: ShardJob, config: ShardConfig, progress: Callable[[int], None
     worker = _RowWorker(config, config.image_options())
     tar = TarWriter(paths["tar"], resume_offset=offset if resumed else None)
     seen = {r["sha256"]: r["key"] for r in records if r["status"] == SUCCESS and config.dedup}
-    if progress is not None and resumed:
-        progress(resumed)
+    reported = 0  # rows already counted on the progress bar
     pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"shard{job.name}")
     try:
         results = _bounded_ordered_map(pool, worker, rows[resumed:], window=config.threads * 3)
@@ -147,7 +146,8 @@ def run_shard(job: ShardJob, config: ShardConfig, progress: Callable[[int], None
             journal.append(record, tar.offset)
             records.append(record)
             if progress is not None and (index % 16 == 15 or index == len(rows) - 1):
-                progress(index % 16 + 1)
+                progress(index + 1 - reported)
+                reported = index + 1
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         tar.close_partial()
