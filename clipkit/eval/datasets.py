@@ -101,6 +101,7 @@ def _tar_samples(path: str) -> Iterator[Dict[str, bytes]]:
                 current = {}
             key = sample_key
             current[ext.lower()] = tar.extractfile(member).read()
+            tar.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
     if current:
         yield current
 
