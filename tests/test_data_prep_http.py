@@ -44,6 +44,7 @@ def _routes():
         "/big.jpg": Route(jpeg_bytes(600, 600, seed=5, quality=100)),
         "/tiny.jpg": Route(jpeg_bytes(20, 20, seed=6)),
         "/cut.jpg": Route(OK[:1000], headers={"Content-Length": str(len(OK))}, close=True),
+        "/with%20space%C3%A9.jpg": Route(jpeg_bytes(50, 60, seed=8)),
     }
 
 
@@ -66,6 +67,7 @@ CASES = [
     ("/tiny.jpg", "tiny", "failed_image", "too_small"),
     ("/cut.jpg", "connection cut", "failed_download", "truncated_body"),
     ("ftp://127.0.0.1/a.jpg", "ftp", "refused", "unsupported_scheme"),
+    ("/with spaceé.jpg", "raw space and é in the URL", "success", None),
 ]
 
 
@@ -95,13 +97,13 @@ def test_url_dump_records_every_failure_kind(tmp_path):
     for result, (path, _, status, reason) in zip(results, CASES):
         assert (result["status"], result["error_reason"]) == (status, reason), (path, result["error_message"])
         assert (result["error_message"] is None) == (status == "success")
-    assert manifest["successes"] == 5 and manifest["duplicates_removed"] == 1
+    assert manifest["successes"] == 6 and manifest["duplicates_removed"] == 1
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 1, "00001.tar": 4,
-                                                                         "00002.tar": 0}
+                                                                         "00002.tar": 1}
 
     samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")), shardshuffle=False))
     by_id = {json.loads(s["json"])["id"]: s for s in samples}
-    assert sorted(by_id) == ["0", "10", "11", "6", "7"]
+    assert sorted(by_id) == ["0", "10", "11", "17", "6", "7"]
     meta = json.loads(by_id["0"]["json"])
     assert by_id["0"]["txt"].decode() == "a & b" and meta["caption"] == "a & b"
     assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (64, 64, 300, 200)

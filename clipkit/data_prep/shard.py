@@ -78,6 +78,8 @@ class _RowWorker:
                 data = self.fetcher.fetch(row["source"])
         except FetchError as e:
             return self._fail(record, e.status, e.reason, str(e))
+        except Exception as e:  # an odd URL or server reply must fail its row, never the shard
+            return self._fail(record, "failed_download", "unexpected_error", f"{type(e).__name__}: {e}")
         record["original_bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
         try:

@@ -12,13 +12,14 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import List, Union
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 # Legacy IPv4 spellings that inet_aton (and so curl, browsers, getaddrinfo) accept: 2130706433, 0x7f000001,
 # 0177.0.0.1, 127.1. They are decoded here so that a resolver stub in tests cannot hide them.
 _LEGACY_IPV4 = re.compile(r"[0-9a-fA-Fx.]+")
+_PATH_SAFE = "/%:@!$&'()*+,;=?~-._"
 
 
 class URLRefused(Exception):
@@ -88,9 +89,10 @@ def check_url(url: str, allow_private_network: bool = False) -> Target:
     if not host:
         raise URLRefused("bad_url", f"no host in {url[:200]!r}")
     port = port or (443 if scheme == "https" else 80)
-    path = parts.path or "/"
+    # Scraped URLs hold spaces and non-ASCII: percent-encode them (as browsers do), keep existing %XX escapes.
+    path = quote(parts.path or "/", safe=_PATH_SAFE)
     if parts.query:
-        path += "?" + parts.query
+        path += "?" + quote(parts.query, safe=_PATH_SAFE)
     literal = parse_ip_literal(host)
     if literal is not None:
         addresses = [str(literal)]
