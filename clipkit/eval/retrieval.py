@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from clipkit.eval.datasets import EvalDataset
-from clipkit.eval.features import encode_texts, extract_features, unwrap
+from clipkit.eval.features import RejectCounter, encode_images, encode_texts, iterate_batches, unwrap
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -46,26 +46,30 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
 def run_retrieval(model: nn.Module, tokenizer: Callable, preprocess: Callable, dataset: EvalDataset,
                   ks: Sequence[int] = DEFAULT_KS, batch_size: int = 256, workers: int = 0, device: Any = "cpu",
                   max_samples: int | None = None, progress: bool = True) -> dict:
-    """Encodes the images and all their captions, returns the recall@k metrics, n_images, n_texts and `rejected`."""
+    """Encodes the images and their captions batch by batch (a batch's captions in one text forward, as
+    CLIP_benchmark does), returns the recall@k metrics, n_images, n_texts and `rejected` ({reason: count})."""
     if not dataset.has_captions:
         raise ValueError(f"{dataset.spec}: has no captions: retrieval needs a caption column (csv) or txt (wds "
                          "with dataset_type.txt = retrieval)")
     model = unwrap(model)
-    feats = extract_features(model, dataset, preprocess, batch_size, workers, device, max_samples, progress,
-                             desc="retrieval images")
-    texts, owner = [], []
-    for i, caps in enumerate(feats.captions):
-        for c in caps or []:
-            texts.append(c)
-            owner.append(i)
-    if not texts:
-        raise ValueError(f"{dataset.spec}: no captions found")
     was_training = model.training
     model.eval()
+    image_feats, text_feats, owner, rejects, n_images = [], [], [], RejectCounter(), 0
     try:
-        text_feats = encode_texts(model, tokenizer, texts, device, batch_size).cpu()
+        loader = dataset.loader(preprocess, batch_size, workers, max_samples)
+        for batch in iterate_batches(loader, max_samples, rejects, desc="retrieval", progress=progress):
+            texts = [c for caps in batch.captions for c in caps or []]
+            owner += [n_images + i for i, caps in enumerate(batch.captions) for _ in caps or []]
+            n_images += len(batch.images)
+            image_feats.append(encode_images(model, batch.images, device).cpu())
+            if texts:
+                text_feats.append(encode_texts(model, tokenizer, texts, device, batch_size=len(texts)).cpu())
     finally:
         model.train(was_training)
-    out = retrieval_recall(feats.features, text_feats, torch.tensor(owner), ks)
-    out.update(n_images=len(feats.features), n_texts=len(texts), rejected=feats.rejects.as_dict())
+    if not image_feats:
+        raise ValueError(f"{dataset.spec}: no readable images (rejected: {rejects.as_dict() or 'none'})")
+    if not text_feats:
+        raise ValueError(f"{dataset.spec}: no captions found")
+    out = retrieval_recall(torch.cat(image_feats), torch.cat(text_feats), torch.tensor(owner), ks)
+    out.update(n_images=n_images, n_texts=len(owner), rejected=rejects.as_dict())
     return out
