@@ -92,8 +92,8 @@ def test_retrieval_probe_knn_report(setup, tmp_path, monkeypatch, capsys):
     assert m["n_images"] == 4 and m["n_texts"] == 5
     assert set(m) >= {"image_retrieval_recall@1", "text_retrieval_recall@2"}
     probe = ["--train-dataset", f"fashion-mnist:{fm}:train", "--test-dataset", f"fashion-mnist:{fm}:test"]
-    code, out, err = run_cli("linear_probe.py", common + probe + ["--wd", 1e-4, 1e-2, "--max-iter", 50, "--output", tmp_path / "lp.json"],
-                             monkeypatch, capsys)
+    lp_args = ["--wd", 1e-4, 1e-2, "--max-iter", 50, "--output", tmp_path / "lp.json"]
+    code, out, err = run_cli("linear_probe.py", common + probe + lp_args, monkeypatch, capsys)
     assert code == 0, err
     lp = read_json(tmp_path / "lp.json")
     assert lp["task"] == "linear_probe" and lp["metrics"]["wd"] in (1e-4, 1e-2) and lp["metrics"]["n"] == 20
