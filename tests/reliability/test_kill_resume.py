@@ -9,21 +9,20 @@
 """
 
 import shutil
-import sys
 from collections import Counter
 
 import pytest
 
 from clipkit.train import checkpoint as ckpt
+from clipkit.train.config import parse_config
 from clipkit.train.metrics import read_metrics
-from tests._train import MAIN, assert_same_weights, final_weights, losses
+from tests._train import assert_same_weights, final_weights, losses
 from tests.reliability._helpers import (
     STEPS,
     all_checkpoint_dirs,
     assert_losses_equal,
     complete_checkpoints,
     keys_by_epoch,
-    launch,
     launch_train,
     recorded_batches,
     train_args,
@@ -95,13 +94,13 @@ def test_each_sample_once_per_epoch_on_two_ranks(clean_shards, reference_run):
         assert not set(records[(step, 0)]["keys"]) & set(records[(step, 1)]["keys"])
 
 
-def test_keep_last_below_two_is_refused(tmp_path):
-    out = tmp_path / "run"
-    result = launch([sys.executable, MAIN, "--train-data", "x.tar", "--keep-last", "1", "--output-dir", str(out)],
-                    timeout=120)
-    assert result.returncode != 0
-    assert "--keep-last must be >= 2 (the newest checkpoint may be mid-write), got 1" in result.stderr
-    assert not out.exists()
+def test_keep_last_below_two_is_refused():
+    """train/main.py parses its flags with parse_config before anything else."""
+    for keep in ("1", "0", "-3"):
+        with pytest.raises(ValueError, match=f"--keep-last must be >= 2 \\(the newest checkpoint may be mid-write\\), "
+                                             f"got {keep}"):
+            parse_config(["--train-data", "x.tar", "--keep-last", keep])
+    assert parse_config(["--train-data", "x.tar", "--keep-last", "2"]).keep_last == 2
 
 
 def test_prune_keeps_exactly_n_complete_and_never_a_newer_incomplete(tmp_path):
@@ -122,13 +121,12 @@ def test_prune_keeps_exactly_n_complete_and_never_a_newer_incomplete(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("change, named", [
     ([], ["world_size: checkpoint has 2, this run has 1"]),
-    (["--batch-size", "4"], ["batch_size: checkpoint has 8, this run has 4",
-                             "world_size: checkpoint has 2, this run has 1"]),
-    (["--model", "clipkit-tiny-resnet"], ["model config differs (checkpoint: ",
-                                          "world_size: checkpoint has 2, this run has 1"]),
+    (["--batch-size", "4", "--model", "clipkit-tiny-resnet"], ["batch_size: checkpoint has 8, this run has 4",
+                                                               "model config differs (checkpoint: ",
+                                                               "world_size: checkpoint has 2, this run has 1"]),
 ])
 def test_resume_refuses_other_config_naming_the_difference(clean_shards, reference_run, tmp_path, change, named):
-    """The 2-process checkpoint resumed by one process, alone or with another batch size / model config."""
+    """The 2-process checkpoint resumed by one process, alone or also with another batch size and model config."""
     saved = reference_run / "checkpoints" / _step(STEPS)
     copy = tmp_path / "checkpoints" / _step(STEPS)
     shutil.copytree(saved, copy)
