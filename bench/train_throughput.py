@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -78,8 +79,14 @@ def _env(extra: list[str]) -> dict:
     return env
 
 
-def _run(cmd: list[str], env: dict, cwd: Path, log_path: Path, timeout: float) -> float:
-    t0 = time.perf_counter()
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped descendants: launcher, trainer, loader workers
+    return ru.ru_utime + ru.ru_stime
+
+
+def _run(cmd: list[str], env: dict, cwd: Path, log_path: Path, timeout: float) -> tuple[float, float]:
+    """Runs `cmd`; returns (wall seconds, CPU seconds of its whole process tree)."""
+    t0, cpu0 = time.perf_counter(), _children_cpu_s()
     with open(log_path, "w") as log:
         # own process group: on timeout the launcher's children (torchrun workers, data loader workers) die too
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -93,7 +100,7 @@ def _run(cmd: list[str], env: dict, cwd: Path, log_path: Path, timeout: float) -
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"{cmd[:4]}... exited {proc.returncode}; log {log_path}:\n{tail}")
-    return wall
+    return wall, _children_cpu_s() - cpu0
 
 
 def _steady(step_times: list[float], data_times: list[float], batch: int, skip: int) -> dict:
@@ -117,11 +124,11 @@ def run_ours(a, spec: str, work: Path, tag: str) -> dict:
                "--num_processes", "1", "--num_machines", "1", str(REPO / "train" / "main.py"), *flags]
     else:
         cmd = [a.python, str(REPO / "train" / "main.py"), *flags]
-    wall = _run(cmd, _env(a.ours_env), REPO, work / f"ours-{tag}.log", a.timeout)
+    wall, cpu = _run(cmd, _env(a.ours_env), REPO, work / f"ours-{tag}.log", a.timeout)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     recs = [r for r in recs if "step_time" in r]
     res = _steady([r["step_time"] for r in recs], [r["data_time"] for r in recs], a.batch_size, a.skip)
-    res.update(wall_s=wall, steps_run=len(recs), final_loss=recs[-1]["loss"])
+    res.update(wall_s=wall, cpu_s=cpu, steps_run=len(recs), final_loss=recs[-1]["loss"])
     peaks = [r["peak_mem_gb"] for r in recs if r.get("peak_mem_gb") is not None]
     if peaks:
         res["peak_mem_gb"] = max(peaks)
@@ -140,14 +147,14 @@ def run_peer(a, spec: str, work: Path, tag: str, precision: str) -> dict:
              "--logs", "none", "--name", "run"]  # --logs none: no checkpoint write at the end; log in ./none/run/
     cmd = [a.peer_python, str(Path(__file__).resolve()), "peer-main", *flags]
     log_path = work / f"peer-{tag}.log"
-    wall = _run(cmd, _env(a.peer_env), cwd, log_path, a.timeout)
+    wall, cpu = _run(cmd, _env(a.peer_env), cwd, log_path, a.timeout)
     text = log_path.read_text(errors="replace")
     lines = [(float(m.group(2)), float(m.group(3))) for m in PEER_RATE.finditer(text)]
     if not lines:
         raise RuntimeError(f"no 'Train Epoch' lines in {log_path}")
     rates = [rate for _, rate in lines]
     res = _steady([a.batch_size / r for r in rates], [d for d, _ in lines], a.batch_size, a.skip)
-    res.update(wall_s=wall, steps_run=len(rates))
+    res.update(wall_s=wall, cpu_s=cpu, steps_run=len(rates))
     loss = re.findall(r"Loss: ([\d.]+)", text)
     if loss:
         res["final_loss"] = float(loss[-1])
@@ -261,7 +268,8 @@ def main(argv=None) -> int:
                     continue
                 runs[name].append(res)
                 print(f"round {r} {name}: {res['samples_per_s']:.1f} samples/s "
-                      f"({res['steps_counted']} steps counted, wall {res['wall_s']:.0f} s)", flush=True)
+                      f"({res['steps_counted']} steps counted; whole run: wall {res['wall_s']:.0f} s, "
+                      f"CPU {res['cpu_s']:.0f} s)", flush=True)
         summary = {}
         for name, rs in runs.items():
             if not rs:
@@ -278,16 +286,17 @@ def main(argv=None) -> int:
                 summary[f"ratio_ours_vs_{p}"] = ratio
         result["summary"] = summary
         print(json.dumps(result, indent=1), flush=True)
-        print("\n| run | samples/s | rounds | data wait | peak GPU mem GB | MFU |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n| run | samples/s | rounds | data wait | whole-run CPU s | peak GPU mem GB | MFU |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for name, s in summary.items():
             if name.startswith("ratio"):
-                print(f"| {name} | {s:.3f}x | | | | |")
+                print(f"| {name} | {s:.3f}x | | | | | |")
             else:
                 mem = f"{s['peak_mem_gb']:.2f}" if "peak_mem_gb" in s else "-"
                 mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-"
                 rounds = ", ".join(f"{x:.0f}" for x in s["rounds"])
-                print(f"| {name} | {s['samples_per_s']:.1f} | {rounds} | {100 * s['data_frac']:.0f}% | {mem} | {mfu} |")
+                data = f"{100 * s['data_frac']:.0f}%"
+                print(f"| {name} | {s['samples_per_s']:.1f} | {rounds} | {data} | {s['cpu_s']:.0f} | {mem} | {mfu} |")
         if a.json_out:
             Path(a.json_out).write_text(json.dumps(result, indent=1))
     finally:
