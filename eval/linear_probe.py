@@ -25,7 +25,8 @@ def main() -> None:
 
     loaded, train, test, num_classes = probe_features(args)
     metrics = linear_probe(train.features, train.labels, test.features, test.labels, num_classes,
-                           args.wd or DEFAULT_WD_GRID, args.val_fraction, args.seed, args.max_iter)
+                           args.wd or DEFAULT_WD_GRID, args.val_fraction, args.seed, args.max_iter,
+                           progress=not args.no_progress)
     metrics.pop("confusion")
     val_acc = metrics.pop("val_acc1")
     finish(args, loaded, test.spec, "linear_probe", metrics, train_dataset=train.spec, val_acc1=val_acc,

@@ -79,12 +79,15 @@ def encode_images(model: nn.Module, images: torch.Tensor, device: Any = "cpu") -
 
 @torch.inference_mode()
 def encode_texts(model: nn.Module, tokenizer: Callable, texts: List[str], device: Any = "cpu",
-                 batch_size: int = 256) -> torch.Tensor:
+                 batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """texts: N strings -> [N, D] float32 (float64 for a float64 model), L2-normalised; `batch_size` texts per
     forward."""
+    from tqdm import tqdm
+
     model = unwrap(model)
     out = []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="texts", unit="batch", disable=not progress or len(starts) < 2, leave=False):
         tokens = tokenizer(texts[start:start + batch_size]).to(device)
         out.append(F.normalize(as_float(model.encode_text(tokens)), dim=-1))
     return torch.cat(out) if out else torch.empty(0)

@@ -51,7 +51,7 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, wd_grid=DEFAULT_WD_GRID, val_fraction: float = 0.2, seed: int = 0,
-                 max_iter: int = 500) -> dict:
+                 max_iter: int = 500, progress: bool = False) -> dict:
     """Chooses wd on a seeded `val_fraction` hold-out of train, refits on all of train, scores test. Returns the
     classification metrics of test plus `wd` (chosen) and `val_acc1` ({wd: hold-out top-1})."""
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +59,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     n_val = max(1, int(round(len(train_x) * val_fraction)))
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
     val_acc = {}
-    for wd in wd_grid:
+    from tqdm import tqdm
+
+    for wd in tqdm(wd_grid, desc="wd sweep", disable=not progress, leave=False):
         probe = fit_logistic_regression(train_x[fit_idx], train_y[fit_idx], num_classes, wd, max_iter)
         val_acc[wd] = (probe.scores(train_x[val_idx].double()).argmax(dim=1) == train_y[val_idx]).double().mean().item()
     best = max(wd_grid, key=lambda w: (val_acc[w], w))  # ties go to the stronger regulariser

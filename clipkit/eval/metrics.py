@@ -61,14 +61,16 @@ def save_confusion(cm: torch.Tensor, classnames: Sequence[str], prefix: str) -> 
     size = min(4 + 0.45 * n, 40)
     fig, ax = plt.subplots(figsize=(size, size))
     row_sum = cm.sum(dim=1, keepdim=True).clamp(min=1)
-    ax.imshow((cm.double() / row_sum).numpy(), cmap="Blues", vmin=0, vmax=1)
+    frac = (cm.double() / row_sum).numpy()
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     if n <= 50:
         ax.set_xticks(range(n), labels=list(classnames), rotation=90)
         ax.set_yticks(range(n), labels=list(classnames))
         if n <= 20:
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7)
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()

@@ -21,14 +21,15 @@ IMAGE_CACHE_BYTES = 512 * 2**20
 
 
 def build_zero_shot_classifier(model: nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                               templates: Templates, device: Any = "cpu", batch_size: int = 256) -> torch.Tensor:
+                               templates: Templates, device: Any = "cpu", batch_size: int = 256,
+                               progress: bool = False) -> torch.Tensor:
     """Returns [D, C] class embeddings (columns L2-normalised), float32 (float64 for a float64 model).
 
     templates: `{c}` template strings, or a {classname: [prompts]} dict (CuPL)."""
     prompts = class_prompts(templates, classnames)
     flat = [p for ps in prompts for p in ps]
     owner = torch.tensor([i for i, ps in enumerate(prompts) for _ in ps], device=device)
-    emb = encode_texts(model, tokenizer, flat, device=device, batch_size=batch_size)  # [P, D], normalised
+    emb = encode_texts(model, tokenizer, flat, device, batch_size, progress)  # [P, D], normalised
     sums = torch.zeros(len(prompts), emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, owner, emb)
     counts = torch.tensor([len(ps) for ps in prompts], dtype=emb.dtype, device=emb.device)
     return F.normalize(sums / counts[:, None], dim=-1).T
@@ -68,7 +69,8 @@ def run_zeroshot(model: nn.Module, tokenizer: Callable, preprocess: Callable, da
     was_training = model.training
     model.eval()
     try:
-        classifier = build_zero_shot_classifier(model, tokenizer, dataset.classnames, templates, device)
+        classifier = build_zero_shot_classifier(model, tokenizer, dataset.classnames, templates, device,
+                                                progress=progress)
         rejects = RejectCounter()
         loader = dataset.loader(preprocess, batch_size, workers, max_samples)
         batches = iterate_batches(loader, max_samples, rejects, desc="zero-shot", progress=progress)
