@@ -130,8 +130,9 @@ def evaluate_zeroshot(model: nn.Module, tokenizer: Callable, preprocess: Callabl
     """Zero-shot top-1/top-5 of `model` on a dataset SPEC, for the training loop.
 
     Takes a plain open_clip model (or one wrapped by DDP/DeepSpeed: `.module` is unwrapped); restores its train/eval
-    mode. The data set is resolved once per (spec, classnames) and, when it fits in IMAGE_CACHE_BYTES, its
-    preprocessed images are kept, so later calls only run the model. Returns {"acc1", "acc5" (>= 5 classes),
+    mode. The data set is resolved once per (spec, classnames); for an indexable set (folder, csv, fashion-mnist) whose
+    preprocessed images fit in IMAGE_CACHE_BYTES, those images are kept, so later calls only run the model (a wds set
+    is streamed again on every call). Returns {"acc1", "acc5" (>= 5 classes),
     "mean_per_class_recall", "n"}, plus "rejected" (count of unreadable images) when there were any.
     """
     names_key = tuple(classnames) if isinstance(classnames, (list, tuple)) else classnames
