@@ -3,12 +3,15 @@
     python bench/loss_memory.py                       # B = 4096, 8192, 16384; D = 512; float32 CPU
     python bench/loss_memory.py --sizes 4096 --chunk-sizes 0,512,1024,2048   # a K sweep (0 = clipkit unchunked)
     python bench/loss_memory.py --sizes 1024 --repeats 1                     # smoke run, seconds
+    python bench/loss_memory.py --device cuda --dtype bfloat16 --sizes 16384,65536 --chunk-sizes 1024,8192
 
 Memory: every (implementation, B) runs in a fresh subprocess, so no allocator cache or earlier peak leaks in. RSS
 right after the inputs exist is the baseline; the kernel's peak-RSS counter of the process is then reset
 (/proc/self/clear_refs, "5") and read back after one forward + backward as VmHWM (/proc/self/status: the counter
 getrusage's ru_maxrss reports, without the maximum over exited threads that ru_maxrss also folds in). Reported:
-peak - baseline, the extra memory the loss needs, including the [B, D] feature gradients.
+peak - baseline, the extra memory the loss needs, including the [B, D] feature gradients. On CUDA: the caching
+allocator's peak (torch.cuda.max_memory_allocated) over what was allocated after the inputs.
+--dtype bfloat16 makes bf16 features and runs both losses under autocast, as mixed-precision training does.
 Time: one subprocess per B builds the inputs once, warms every implementation up, then times --repeats forward +
 backward rounds, rotating the order each round, so a neighbour's load on a shared machine hits all of them alike. CPU
 time (time.process_time, all threads of the process) is printed beside the wall time: on a machine shared with
@@ -63,31 +66,49 @@ def _loss_fn(chunk_size: int | None):
     return ContrastiveLoss(chunk_size=chunk_size or None)
 
 
-def _inputs(batch: int, dim: int):
+def _inputs(setup: dict):
+    """[B, D] image and text features (L2-normalised, requiring grad) and a log temperature, on setup's device."""
     import torch
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)
-    image = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).requires_grad_()
-    text = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).requires_grad_()
-    log_scale = torch.tensor([math.log(1 / 0.07)], requires_grad=True)  # CLIP's initial temperature
+    dtype = getattr(torch, setup["dtype"])
+    features = [F.normalize(torch.randn(setup["batch"], setup["dim"], generator=gen), dim=-1) for _ in range(2)]
+    image, text = (f.to(setup["device"], dtype).requires_grad_() for f in features)
+    log_scale = torch.tensor([math.log(1 / 0.07)], device=setup["device"], requires_grad=True)  # CLIP's initial
     return image, text, log_scale
 
 
 def _step(loss_fn, image, text, log_scale) -> tuple[float, float, float]:
     """One forward + backward as in training (scale exponentiated inside); returns (wall s, process CPU s, loss)."""
+    import torch
+
     image.grad = text.grad = log_scale.grad = None
+    if image.is_cuda:
+        torch.cuda.synchronize()
     start, cpu_start = time.perf_counter(), time.process_time()
-    loss = loss_fn(image, text, log_scale.exp())
+    # Low-precision features come from a model under autocast; open_clip needs it to mix them with the fp32 scale.
+    with torch.autocast(image.device.type, dtype=image.dtype, enabled=image.dtype != torch.float32):
+        loss = loss_fn(image, text, log_scale.exp())
     loss.backward()
+    if image.is_cuda:
+        torch.cuda.synchronize()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert image.grad is not None and text.grad is not None and log_scale.grad is not None
     return elapsed, cpu, loss.item()
 
 
-def _memory_worker(chunk_size: int | None, batch: int, dim: int) -> dict:
+def _memory_worker(chunk_size: int | None, setup: dict) -> dict:
+    import torch
+
     loss_fn = _loss_fn(chunk_size)
-    inputs = _inputs(batch, dim)
+    inputs = _inputs(setup)
+    if setup["device"] == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        loss = _step(loss_fn, *inputs)[-1]
+        return {"extra_bytes": torch.cuda.max_memory_allocated() - baseline, "peak_reset": True, "loss": loss}
     baseline = _rss_bytes()
     peak_was_reset = _reset_peak_rss()
     loss = _step(loss_fn, *inputs)[-1]
@@ -95,10 +116,10 @@ def _memory_worker(chunk_size: int | None, batch: int, dim: int) -> dict:
     return {"extra_bytes": max(_peak_rss_bytes() - baseline, 0), "peak_reset": peak_was_reset, "loss": loss}
 
 
-def _time_worker(chunk_sizes: list[int | None], batch: int, dim: int, repeats: int) -> dict:
+def _time_worker(chunk_sizes: list[int | None], setup: dict, repeats: int) -> dict:
     import torch
 
-    inputs = _inputs(batch, dim)
+    inputs = _inputs(setup)
     loss_fns = [_loss_fn(k) for k in chunk_sizes]
     losses = [_step(fn, *inputs)[-1] for fn in loss_fns]  # warm-up
     times: list[list[float]] = [[] for _ in loss_fns]
@@ -114,6 +135,8 @@ def _time_worker(chunk_sizes: list[int | None], batch: int, dim: int, repeats: i
         "cpu_s": [min(t) for t in cpu_times],
         "loss": losses,
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if setup["device"] == "cuda" else "cpu",
     }
 
 
@@ -133,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         "--chunk-sizes", default=str(RECOMMENDED_CHUNK_SIZE), help="comma-separated K for clipkit (0 = unchunked)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward rounds after the warm-up")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="feature dtype")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     impls: list[int | None] = [None] + [int(k) for k in args.chunk_sizes.split(",")]
@@ -144,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for batch in sizes:
-        memory = [_run_worker("memory", k, batch, args.dim) for k in impls]
-        timing = _run_worker("time", impls, batch, args.dim, args.repeats)
+        setup = {"batch": batch, "dim": args.dim, "device": args.device, "dtype": args.dtype}
+        memory = [_run_worker("memory", k, setup) for k in impls]
+        timing = _run_worker("time", impls, setup, args.repeats)
         # Same inputs everywhere: a wrong loss shows up here before anyone reads the numbers.
         for loss in [m["loss"] for m in memory] + timing["loss"]:
-            if not math.isclose(loss, memory[0]["loss"], rel_tol=1e-4):
+            if not math.isclose(loss, memory[0]["loss"], rel_tol=1e-4 if args.dtype == "float32" else 1e-2):
                 raise SystemExit(f"loss mismatch at B={batch}: {loss} vs open_clip {memory[0]['loss']}")
         ref_mem, ref_wall, ref_cpu = memory[0]["extra_bytes"], timing["best_s"][0], timing["cpu_s"][0]
         for i, name in enumerate(names):
@@ -163,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {batch} | {name} | {mem / GIB:.3f} GiB | {wall:.2f} s ({median:.2f} s) | {cpu:.2f} s | {ratios} |",
                 flush=True,
             )
-    print(f"\nD={args.dim}, float32, CPU, torch threads={timing['threads']}, best of {args.repeats} rounds")
+    where = f"CPU, torch threads={timing['threads']}" if args.device == "cpu" else timing["device_name"]
+    print(f"\nD={args.dim}, {args.dtype}, {where}, torch {timing['torch']}, best of {args.repeats} rounds")
     if not all(m["peak_reset"] for m in memory):
         print("note: /proc/self/clear_refs not writable: peaks are lifetime peaks (over-state the extra memory)")
 
