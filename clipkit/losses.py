@@ -22,8 +22,9 @@ from torch import nn
 
 from clipkit.distributed import gather_features, rank_world
 
-# Measured on CPU float32, D=512, B=4096..16384 (bench/loss_memory.py): big enough for efficient matmuls, small enough
-# that the two [K, B] chunk buffers stay a few percent of open_clip's B x B peak.
+# The chunk size to train with (BENCHMARKS.md "Loss memory", D=512): on CPU float32 at B=16384 it needs ~5-6% of
+# open_clip's extra memory and about half its time (16 idle cores); K=2048 was no faster and needs more. On a GPU,
+# larger K (4096-8192) is slightly faster and still a few percent of open_clip's memory.
 RECOMMENDED_CHUNK_SIZE = 1024
 
 
@@ -208,9 +209,12 @@ class _InfoNCERowsChunked(torch.autograd.Function):
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE over image-text pairs, open_clip's ClipLoss(local_loss=True, gather_with_grad=True).
 
-    chunk_size: None computes the plain B x (W*B) logits (fastest for small B); an int K streams K rows at a time and
-    never holds more than a [K, B] (or [K, W*B]) block, in forward or backward. RECOMMENDED_CHUNK_SIZE is the
-    training default. Both paths give the same loss and gradients (tests/test_losses.py).
+    chunk_size: None computes the plain B x (W*B) logits; an int K streams K rows at a time and never holds more than
+    a [K, B] (or [K, W*B]) block, in forward or backward. Both paths give the same loss and gradients
+    (tests/test_losses.py). RECOMMENDED_CHUNK_SIZE is the value to train with: measured single-process, it is faster
+    than open_clip in float32 on CPU (~2x) and GPU (~1.2x) but ~1.5x slower than open_clip for bf16 features on a GPU,
+    where its unfused float32 elementwise passes over each chunk cost more than the bf16 matmuls
+    (BENCHMARKS.md "Loss memory"). Multi-rank it runs 8 [B, W*B, D] matmuls to open_clip's 6 (the recompute).
     """
 
     def __init__(self, chunk_size: int | None = None):

@@ -1,4 +1,4 @@
-"""Losses and cross-rank helpers against open_clip, in float64 on CPU.
+"""Losses and cross-rank helpers against open_clip: float64 on CPU, plus bf16 features, plus CUDA where there is one.
 
 Two-process checks run ONE torch.multiprocessing spawn (gloo on 127.0.0.1) shared by several tests; each rank computes
 open_clip's loss and ours on the same inputs in the same process and saves the results for the parent to compare.
