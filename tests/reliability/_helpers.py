@@ -152,7 +152,7 @@ def checkpoint_tensors(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
 
 
 def write_tar(path: Path, members: List[Tuple[str, bytes]]) -> Path:
-    """A tar of regular files (USTAR, mtime 0) in the given order."""
+    """A tar of regular files (GNU format, mtime 0) in the given order."""
     import io
     import tarfile
 

@@ -3,8 +3,9 @@ CLI, the training loader and the data-prep CLI.
 
 6. Truncated JPEG, 0-byte image, HTML saved as .jpg, missing caption, invalid UTF-8, cut-off tar (and a missing image
    and a bomb): only the good samples train, per-reason counters match, a skip rate over the threshold stops the run.
-7. Decompression bomb (20000 x 20000 PNG of a few KB): rejected from its header, no pixel decoded, < 10 MB of memory,
-   in the training loader and in data prep (time measured and reported, not asserted: the cores are shared).
+7. Decompression bomb (a 48 KB PNG that declares 20000 x 20000): rejected from its header, no pixel decoded, < 10 MB
+   of memory, in the training loader and in data prep (time measured and reported, not asserted: the cores are
+   shared).
 9. Captions: a 1 MB caption is cut before tokenising, tokens are exactly the context length, NUL / zero-width /
    mojibake are normalised (training loader and data prep).
 12. `pipe:` and other shard URL schemes are refused unless --allow-unsafe-urls.
