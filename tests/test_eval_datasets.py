@@ -154,7 +154,7 @@ def test_corrupt_wds_shard_is_counted(tmp_path):
     shard.write_bytes(shard.read_bytes()[:3000])  # truncated mid-member
     feats = extract_features(ColorModel(), build_dataset(f"wds:{root}"), to_tensor, batch_size=4, progress=False)
     assert 6 <= len(feats.features) < 12
-    assert feats.rejects.as_dict() == {"corrupt_shard": 1}
+    assert feats.rejects.as_dict() == {"truncated_tar": 1}
 
 
 def test_template_files(tmp_path):

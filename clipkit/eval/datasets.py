@@ -13,17 +13,15 @@ read is counted with its reason and skipped, never a crash: a batch carries the 
 """
 
 import csv
-import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from clipkit.data.tar_stream import unsafe_member_name
+from clipkit.data.tar_stream import ERROR_KEY, iter_shard
 from clipkit.images import ImageRejected, decode_image
 
 DATASET_KINDS = ("folder", "csv", "wds", "fashion-mnist")
@@ -83,29 +81,6 @@ class _MapSource(Dataset):
         return _transformed(lambda: self.load(i), self.transform, self.labels[i], captions)
 
 
-def _tar_samples(path: str) -> Iterator[Dict[str, bytes]]:
-    """Groups a tar's members into samples by key (the basename up to its first dot, as webdataset does)."""
-    current: Dict[str, bytes] = {}
-    key = None
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            if not member.isfile() or unsafe_member_name(member.name):  # links, `../x`, `/abs/x`: never read
-                continue
-            dirname, base = os.path.split(member.name)
-            if "." not in base or base.startswith("."):
-                continue
-            stem, ext = base.split(".", 1)
-            sample_key = os.path.join(dirname, stem)
-            if sample_key != key and current:
-                yield current
-                current = {}
-            key = sample_key
-            current[ext.lower()] = tar.extractfile(member).read()
-            tar.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
-    if current:
-        yield current
-
-
 def _wds_sample(raw: Dict[str, bytes], transform: Callable) -> tuple:
     label = int(raw["cls"].decode().strip()) if "cls" in raw else NO_LABEL
     captions = raw["txt"].decode("utf-8").splitlines() if "txt" in raw else None
@@ -126,12 +101,12 @@ class _WdsSource(IterableDataset):
         info = get_worker_info()
         shards = self.shards if info is None else self.shards[info.id::info.num_workers]
         for shard in shards:
-            try:
-                for raw in _tar_samples(shard):
+            for raw in iter_shard(shard):
+                if ERROR_KEY in raw:
+                    # A truncated, corrupt or unreadable shard: the samples read before count, the rest is reported.
+                    yield None, NO_LABEL, None, raw[ERROR_KEY]
+                else:
                     yield _wds_sample(raw, self.transform)
-            except (tarfile.TarError, EOFError, OSError):
-                # A truncated or corrupt shard: the samples read so far count, the rest of it is reported.
-                yield None, NO_LABEL, None, "corrupt_shard"
 
 
 @dataclass
@@ -237,7 +212,7 @@ def _csv(file: str) -> EvalDataset:
 
 
 def _wds(root: str, split: str | None) -> EvalDataset:
-    path = Path(root)
+    path = Path(root).resolve()  # absolute shard paths: the shard reader's opener would run a `pipe:NAME` as a command
     split = split or "test"
     split_dir = path / split
     if not split_dir.is_dir():
