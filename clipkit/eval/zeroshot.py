@@ -5,6 +5,7 @@ the average re-normalised (tested against open_clip to 1e-6). Unlike open_clip's
 lists of different lengths (CuPL) and batches texts across classes.
 """
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Sequence, Union
 
 import torch
@@ -82,11 +83,14 @@ def run_zeroshot(model: nn.Module, tokenizer: Callable, preprocess: Callable, da
     return out
 
 
+@dataclass
 class _Cached:
     """A data set's images after `preprocess`, kept in memory for repeated evaluation during training."""
 
-    def __init__(self, preprocess: Callable, images: torch.Tensor, labels: torch.Tensor, rejects: RejectCounter):
-        self.preprocess, self.images, self.labels, self.rejects = preprocess, images, labels, rejects
+    preprocess: Callable
+    images: torch.Tensor  # [N, 3, H, W] float32
+    labels: torch.Tensor  # [N] int64
+    rejects: RejectCounter
 
 
 _DATASETS: Dict[tuple, EvalDataset] = {}
@@ -132,8 +136,8 @@ def evaluate_zeroshot(model: nn.Module, tokenizer: Callable, preprocess: Callabl
     Takes a plain open_clip model (or one wrapped by DDP/DeepSpeed: `.module` is unwrapped); restores its train/eval
     mode. The data set is resolved once per (spec, classnames); for an indexable set (folder, csv, fashion-mnist) whose
     preprocessed images fit in IMAGE_CACHE_BYTES, those images are kept, so later calls only run the model (a wds set
-    is streamed again on every call). Returns {"acc1", "acc5" (>= 5 classes),
-    "mean_per_class_recall", "n"}, plus "rejected" (count of unreadable images) when there were any.
+    is streamed again on every call). Returns {"acc1", "acc5" (>= 5 classes), "mean_per_class_recall", "n"}, plus
+    "rejected" (count of unreadable images) when there were any.
     """
     names_key = tuple(classnames) if isinstance(classnames, (list, tuple)) else classnames
     ds_key = (dataset_spec, names_key)
