@@ -23,8 +23,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def limit_heap_fragmentation() -> None:
+    """Serves allocations of 64 KiB and more with mmap (glibc's M_MMAP_THRESHOLD), inherited by forked loader workers.
+
+    glibc's default threshold rises to the largest block freed, so the ~6 MB batch tensors end up in the heap, which
+    fragments around them: RSS then drifted by 2-6 KB per image over 50,000 images (reliability suite, property 15).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def run_main(main) -> None:
     """Runs `main()`; a bad input (ValueError, FileNotFoundError) exits with its message, not a traceback."""
+    limit_heap_fragmentation()
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
