@@ -2,8 +2,9 @@
 # Fashion-MNIST end to end: train split -> shards -> train/main.py (clipkit-tiny) -> zero-shot on the 10k test split,
 # linear probe and kNN (train split features -> test split).
 #
-#   bash examples/fashion_mnist/run.sh                      # CPU, ~10 min of training (STEPS=300 BATCH=128)
-#   DEVICE=cuda STEPS=2000 BATCH=512 WORKERS=12 bash examples/fashion_mnist/run.sh   # one GPU
+#   bash examples/fashion_mnist/run.sh                      # CPU (STEPS=300 BATCH=128): 30-70 samples/s on 2 cores
+#   STEPS=400 BATCH=128 bash examples/fashion_mnist/run.sh  # BENCHMARKS.md's CPU run: 81% zero-shot, 48 min in all
+#   DEVICE=cuda STEPS=2000 BATCH=512 WORKERS=12 LR=2e-3 bash examples/fashion_mnist/run.sh  # one H200: 91.7%, ~4 min
 #   STEPS=5 SMOKE=1 bash examples/fashion_mnist/run.sh      # smoke-sized: 2k shard samples, 500 eval images
 #
 # Env: FMNIST (idx dir, default /usr/share/datasets/fashion-mnist), OUT (default runs/fmnist), PY (python).
