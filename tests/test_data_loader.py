@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import ImageFile
 
-from clipkit.data import REASONS, DataPosition, build_train_loader, count_samples, epoch_shard_order, expand_urls
+from clipkit.data import GOOD_REASONS, REASONS, DataPosition, build_train_loader, count_samples, expand_urls
+from clipkit.data.wds import epoch_shard_order
 from tests._shards import DEFECTS, make_shards
 
 
@@ -59,7 +60,8 @@ def assert_same_batches(got, want):
 
 
 def position_after(batches):
-    """The position a training loop keeps: per logical worker, the latest batch; a new epoch starts fresh."""
+    """Per logical worker, the latest batch; a new epoch starts fresh. Unlike `TrainLoader.position` it knows
+    nothing of the workers' end records (what a checkpoint written before they existed holds)."""
     position = DataPosition(epoch=0)
     for batch in batches:
         if batch["epoch"] != position.epoch:
@@ -67,6 +69,15 @@ def position_after(batches):
         position.consumed[batch["worker"]] = batch["consumed"]
         position.counts[batch["worker"]] = batch["counts"]
     return position
+
+
+def assert_position_agrees(position, batches):
+    """`position` (a loader's) holds the latest batch of every worker that has not ended since."""
+    from_batches = position_after(batches)
+    assert position.epoch == from_batches.epoch
+    for w, consumed in from_batches.consumed.items():
+        if w not in position.ended:
+            assert (position.consumed[w], position.counts[w]) == (consumed, from_batches.counts[w]), w
 
 
 class JitteryTransform:
@@ -115,10 +126,14 @@ def test_exact_resume(shards7, preprocess, tokenizer, num_workers, world_size):
     for k in sorted({1, 3, n0 - 1, n0, n0 + 1, len(full) - 2}):
         interrupted = make()
         head = run(interrupted, last_epoch=1, limit=k)
-        position = position_after(head)
-        assert interrupted.position == position
+        position = interrupted.position
+        assert_position_agrees(position, head)
         saved = DataPosition.from_dict(json.loads(json.dumps(position.to_dict())))
+        assert saved == position
         tail = run(make(position=saved), last_epoch=1)
+        assert_same_batches(head + tail, full)
+        # a position without end records resumes exactly too (ended workers re-read, then end again)
+        tail = run(make(position=position_after(head)), last_epoch=1)
         assert_same_batches(head + tail, full)
 
 
@@ -134,9 +149,13 @@ def test_resume_when_a_middle_worker_runs_out_first(tmp_path, preprocess, tokeni
     full = run(make(position=DataPosition(epoch)), last_epoch=epoch)
     assert [b["worker"] for b in full] == [0, 1, 2, 0, 2, 0, 2]
     for k in range(1, len(full)):
-        head = full[:k]
-        tail = run(make(position=position_after(head)), last_epoch=epoch)
-        assert_same_batches(head + tail, full)
+        interrupted = make(position=DataPosition(epoch))
+        head = run(interrupted, last_epoch=epoch, limit=k)
+        assert_same_batches(head, full[:k])
+        assert interrupted.position.ended == ([1] if k >= 5 else [])  # worker 1's end record comes before batch 5
+        for position in (interrupted.position, position_after(head)):
+            tail = run(make(position=position), last_epoch=epoch)
+            assert_same_batches(head + tail, full)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -153,19 +172,29 @@ def test_each_sample_once_per_epoch(tmp_path, preprocess, tokenizer, world_size)
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, preprocess, tokenizer):
     shards = make_shards(str(tmp_path), 2, 4, bad=tuple(DEFECTS))
-    # shard 0 (all defects, cut short) must come first so that the last batch's counts cover all of it
-    epoch = next(e for e in range(20) if epoch_shard_order(shards.paths, 0, e)[0] == shards.paths[0])
-    batches = run(build(shards, preprocess, tokenizer, batch_size=1, num_workers=0, shuffle_buffer=0,
-                        position=DataPosition(epoch)), last_epoch=epoch)
-    assert sorted(k for b in batches for k in b["keys"]) == sorted(shards.good_keys)
     want = dict.fromkeys(REASONS, 0)
     want.update(shards.expected)
     assert want["ok"] == 8 and all(want[DEFECTS[d]] == 1 for d in DEFECTS)
-    assert batches[-1]["counts"] == want
-    assert batches[-1]["consumed"] == sum(want.values())  # the truncation marker is one raw item
-    # with shuffling and 2 workers every sample still decodes or is counted exactly once
-    batches = run(build(shards, preprocess, tokenizer, batch_size=1, num_workers=2), last_epoch=0)
-    assert sorted(k for b in batches for k in b["keys"]) == sorted(shards.good_keys)
+    # shard 0 (all defects, cut short) first, then last: its bad samples come after the last batch in the second case
+    first = [e for e in range(40) if epoch_shard_order(shards.paths, 0, e)[0] == shards.paths[0]][:1]
+    last = [e for e in range(40) if epoch_shard_order(shards.paths, 0, e)[-1] == shards.paths[0]][:1]
+    for epoch in first + last:
+        loader = build(shards, preprocess, tokenizer, batch_size=1, num_workers=0, shuffle_buffer=0,
+                       position=DataPosition(epoch))
+        batches = run(loader, last_epoch=epoch)
+        assert sorted(k for b in batches for k in b["keys"]) == sorted(shards.good_keys)
+        assert loader.position.counts == {0: want} and loader.position.ended == [0], epoch
+        assert loader.position.consumed[0] == sum(want.values())  # the truncation marker is one raw item
+    assert len(first + last) == 2 and sum(batches[-1]["counts"].values()) < sum(want.values())  # defects came last
+    # with shuffling, 2 workers and partial last batches: every sample decodes or is counted exactly once
+    loader = build(shards, preprocess, tokenizer, batch_size=3, num_workers=2)
+    batches = run(loader, last_epoch=0)
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == len(set(keys)) and set(keys) <= set(shards.good_keys)
+    totals = loader.position.totals()
+    assert totals["ok"] == len(keys) and totals["ok"] + totals["partial_batch"] == 8 and totals["partial_batch"] > 0
+    assert {r: n for r, n in totals.items() if r not in GOOD_REASONS} == {
+        r: n for r, n in want.items() if r not in GOOD_REASONS}
 
 
 def test_bomb_rejected_from_header(tmp_path, preprocess, tokenizer, monkeypatch):

@@ -8,9 +8,14 @@ Its raw samples (undecoded bytes, see `tar_stream`) pass through a shuffle buffe
 that is the worker's post-shuffle stream. Samples are decoded and batched inside the worker; the image transform
 runs under RNGs seeded from (seed, epoch, s, index in the stream), so augmentations do not depend on timing either.
 
+In epoch mode a worker's stream ends with an end record (no image): its final `consumed` and `counts`, so the bad
+samples read after its last full batch are counted too, and its dropped partial batch is counted as "partial_batch".
+`TrainLoader` folds end records into its position and yields only batches.
+
 Resume: a worker skips `consumed[w]` raw samples of its post-shuffle stream without decoding them (the shards are
 re-read and the shuffle buffer replayed, which costs I/O but no image decode) and carries on with `counts[w]`.
-PyTorch's DataLoader hands out batches round-robin over physical workers starting at worker 0 and skips workers
+A worker whose end record was consumed yields nothing (and reads nothing).
+PyTorch's DataLoader hands out items round-robin over physical workers starting at worker 0 and skips workers
 whose stream has ended, so physical worker p runs logical worker (first + p) % W, where `first` is the logical
 worker whose batch came next in the interrupted pass (see `DataPosition.next_worker`).
 """
@@ -21,6 +26,7 @@ import itertools
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple, Union
 
@@ -32,15 +38,17 @@ from ..images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from .tar_stream import ERROR_KEY, RawSample, iter_shard, iter_shards, shard_warnings, shuffle_buffer
 from .urls import expand_urls
 
-# Every reason a raw sample can be counted under; batch["counts"] always has all of them.
+# Every reason a raw sample can be counted under; batch["counts"] always has all of them. "ok": decoded into a batch;
+# "partial_batch": decoded, but in a worker's last, incomplete batch of an epoch, which is dropped. The rest are bad.
 REASONS = (
-    "ok", "missing_image", "missing_caption", "bad_caption", "empty_image", "not_an_image", "corrupt_image",
-    "too_many_pixels", "bad_size", "truncated_tar", "corrupt_tar", "unreadable_shard",
+    "ok", "partial_batch", "missing_image", "missing_caption", "bad_caption", "empty_image", "not_an_image",
+    "corrupt_image", "too_many_pixels", "bad_size", "truncated_tar", "corrupt_tar", "unreadable_shard",
 )
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_MAX_CHARS = 1000
 # Characters that change a caption's tokens without changing what it says: NUL (C-string bugs), zero-width
 # space/non-joiner/joiner, word joiner and BOMs pasted from web pages. open_clip's tokenizer keeps them as tokens.
+GOOD_REASONS = ("ok", "partial_batch")
 INVISIBLE_CHARS = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff]")
 
 
@@ -64,29 +72,43 @@ class DataPosition:
     consumed: logical worker -> raw samples it pulled from its post-shuffle stream (bad ones included), up to and
         including the last sample of its last batch that was trained on.
     counts: logical worker -> {reason: cumulative count in this epoch} at that same point (see REASONS).
+    ended: logical workers whose whole stream was consumed, end record included (epoch mode only).
     Resuming needs the same urls, seed, rank, world_size, num_workers and batch_size.
     """
 
     epoch: int = 0
     consumed: Dict[int, int] = field(default_factory=dict)
     counts: Dict[int, Dict[str, int]] = field(default_factory=dict)
+    ended: List[int] = field(default_factory=list)
 
     def __post_init__(self):
         # keys come back as strings from JSON
         self.epoch = int(self.epoch)
         self.consumed = {int(w): int(n) for w, n in self.consumed.items()}
         self.counts = {int(w): {str(r): int(n) for r, n in c.items()} for w, c in self.counts.items()}
+        self.ended = sorted({int(w) for w in self.ended})
 
-    def advance(self, batch: Dict[str, Any]) -> None:
-        """Records that `batch` (from this pass) was consumed."""
-        self.consumed[int(batch["worker"])] = int(batch["consumed"])
-        self.counts[int(batch["worker"])] = dict(batch["counts"])
+    def advance(self, item: Dict[str, Any]) -> None:
+        """Records that `item` (a batch or a worker's end record, from this pass) was consumed."""
+        worker = int(item["worker"])
+        self.consumed[worker] = int(item["consumed"])
+        self.counts[worker] = dict(item["counts"])
+        if item.get("end") and worker not in self.ended:
+            self.ended = sorted(self.ended + [worker])
+
+    def totals(self) -> Dict[str, int]:
+        """Counts by reason, summed over workers."""
+        out: Dict[str, int] = {}
+        for counts in self.counts.values():
+            for reason, n in counts.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
 
     def batches(self, num_workers: int, batch_size: int) -> List[int]:
         """Batches each logical worker has produced in this epoch: its "ok" count / batch_size (exact, since a worker
         emits a batch exactly when its ok count reaches a multiple of batch_size)."""
         workers = max(num_workers, 1)
-        unknown = sorted(set(self.consumed) - set(range(workers)))
+        unknown = sorted((set(self.consumed) | set(self.ended)) - set(range(workers)))
         if unknown:
             raise ValueError(f"DataPosition has workers {unknown} but the loader has {workers} logical workers: "
                              "resume with the same num_workers")
@@ -102,14 +124,15 @@ class DataPosition:
         return done
 
     def next_worker(self, num_workers: int, batch_size: int) -> int:
-        """The logical worker whose batch comes next: the one after the last worker that has done the most batches.
+        """The logical worker whose item comes next: the one after the last worker that has handed out the most
+        items (batches, plus 1 for a consumed end record).
 
-        DataLoader's order is rounds 0, 1, ... over workers 0..W-1, each worker in a round while it has batches. A
-        worker with the maximal count m finished round m-1; the next batch is that round's next live worker, or the
-        next round's first one. Workers after the last m-worker that have fewer batches are either waiting in round
-        m-1 (they come next) or exhausted (they yield nothing on resume), so starting there is exact in both cases.
+        DataLoader's order is rounds 0, 1, ... over workers 0..W-1, each worker in a round while it has items. A
+        worker with the maximal count m finished round m-1; the next item is that round's next live worker's, or the
+        next round's first one. Workers after the last m-worker that have fewer items are either waiting in round
+        m-1 (they come next) or ended (they yield nothing on resume), so starting there is exact in both cases.
         """
-        done = self.batches(num_workers, batch_size)
+        done = [n + (w in self.ended) for w, n in enumerate(self.batches(num_workers, batch_size))]
         last_max = max(w for w, n in enumerate(done) if n == max(done))
         return (last_max + 1) % len(done)
 
@@ -118,11 +141,13 @@ class DataPosition:
             "epoch": self.epoch,
             "consumed": {str(w): n for w, n in sorted(self.consumed.items())},
             "counts": {str(w): dict(c) for w, c in sorted(self.counts.items())},
+            "ended": list(self.ended),
         }
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "DataPosition":
-        return cls(epoch=d["epoch"], consumed=dict(d.get("consumed", {})), counts=dict(d.get("counts", {})))
+        return cls(epoch=d["epoch"], consumed=dict(d.get("consumed", {})), counts=dict(d.get("counts", {})),
+                   ended=list(d.get("ended", [])))
 
     def copy(self) -> "DataPosition":
         return DataPosition.from_dict(self.to_dict())
@@ -227,6 +252,7 @@ class WorkerStreams(IterableDataset):
         self.epoch = position.epoch
         self.start_consumed = dict(position.consumed)
         self.start_counts = {w: dict(c) for w, c in position.counts.items()}
+        self.start_ended = set(position.ended)
         self.first_logical = first_logical
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
@@ -272,14 +298,20 @@ class WorkerStreams(IterableDataset):
             return self.preprocess(image), caption
 
     def logical_worker_batches(self, logical: int) -> Iterator[Dict[str, Any]]:
+        """Batches of one logical worker, then (epoch mode) its end record: `image` None, `end` True, final counts."""
+        if logical in self.start_ended:
+            return
         slot = self.rank * self.num_logical + logical
         consumed = self.start_consumed.get(logical, 0)
         counts = dict.fromkeys(REASONS, 0)
         counts.update(self.start_counts.get(logical, {}))
         stream = self.raw_stream(slot)
         # resume: replay the stream up to where the position left off, without decoding anything
-        if sum(1 for _ in itertools.islice(stream, consumed)) < consumed:
-            return
+        replayed = sum(1 for _ in itertools.islice(stream, consumed))
+        if replayed < consumed:  # the shards changed, or one could not be read this time
+            warnings.warn(f"resume: worker {logical} of rank {self.rank} was at raw sample {consumed} of epoch "
+                          f"{self.epoch}, but its shards now hold only {replayed}; it ends here",
+                          stacklevel=2)
         images: List[torch.Tensor] = []
         captions: List[str] = []
         keys: List[str] = []
@@ -305,7 +337,11 @@ class WorkerStreams(IterableDataset):
                     "epoch": self.epoch,
                 }
                 images, captions, keys = [], [], []
-        # epoch mode: a worker's last partial batch is dropped (resampled streams never end)
+        # epoch mode (resampled streams never end): the last partial batch is dropped, and counted as such
+        counts["ok"] -= len(images)
+        counts["partial_batch"] = counts.get("partial_batch", 0) + len(images)
+        yield {"image": None, "end": True, "worker": logical, "consumed": consumed, "counts": counts,
+               "epoch": self.epoch}
 
 
 class TrainLoader:
@@ -378,6 +414,8 @@ class TrainLoader:
         )
         for batch in loader:
             self._position.advance(batch)
+            if batch.get("end"):
+                continue  # a worker's end record: counts only
             yield batch
             done += 1
             if cap is not None and done >= cap:

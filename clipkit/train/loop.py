@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 import torch
 
 from clipkit import distributed as dist
-from clipkit.data import DataPosition, build_train_loader, count_samples
+from clipkit.data import GOOD_REASONS, DataPosition, build_train_loader, count_samples
 from clipkit.losses import build_loss
 from clipkit.models import create_model, export_open_clip, preprocess_cfg_of
 from clipkit.train import checkpoint as ckpt
@@ -202,21 +202,22 @@ class Trainer:
         return None if dist.any_rank(epoch_over) else batches
 
     def _skip_counts(self) -> Dict[str, int]:
+        """Raw samples by reason (see clipkit.data.REASONS), finished epochs and the current one."""
         totals = dict(self.skip_totals)
-        for counts in self.position.counts.values():
-            for k, v in counts.items():
-                totals[k] = totals.get(k, 0) + v
+        for k, v in self.position.totals().items():
+            totals[k] = totals.get(k, 0) + v
         return totals
 
     def _check_skip_rate(self, counts: Dict[str, int]) -> int:
-        t = dist.all_reduce_sum(torch.tensor([sum(counts.values()), counts.get("ok", 0)], dtype=torch.float64))
-        seen, ok = int(t[0]), int(t[1])
-        skipped = seen - ok
+        good = sum(counts.get(k, 0) for k in GOOD_REASONS)
+        t = dist.all_reduce_sum(torch.tensor([sum(counts.values()), good], dtype=torch.float64))
+        seen, good = int(t[0]), int(t[1])
+        skipped = seen - good
         if seen >= 200 and skipped / seen > self.cfg.max_skip_rate:
+            bad = {k: v for k, v in counts.items() if k not in GOOD_REASONS}
             raise TrainingStopped(
                 f"{skipped} of {seen} samples ({skipped / seen:.1%}) were skipped as bad, over --max-skip-rate "
-                f"{self.cfg.max_skip_rate:.1%}: check the shards (counts by reason: "
-                f"{ {k: v for k, v in counts.items() if k != 'ok'} } on rank {self.rank})")
+                f"{self.cfg.max_skip_rate:.1%}: check the shards (counts by reason: {bad} on rank {self.rank})")
         return skipped
 
     # ---------------------------------------------------------------- step
@@ -300,18 +301,20 @@ class Trainer:
         global_batch = cfg.batch_size * cfg.grad_accum * self.world
         last = min(cfg.steps, cfg.stop_at or cfg.steps)
         while self.step < last:
-            it = iter(self._loader())
+            loader = self._loader()
+            it = iter(loader)
             t_data = time.perf_counter()
             while self.step < last:
                 batches = self._next_batches(it)
                 if batches is None:
+                    self.position = loader.position  # counts of everything read, end records included
                     break
                 t_step = time.perf_counter()
                 data_time = t_step - t_data
                 out = self.train_step(batches)
                 self.step += 1
                 self.epoch_steps += 1
-                self._advance_position(batches)
+                self.position = loader.position  # just after the last batch trained on
                 self.faults.record_batches(self.step, self.rank, batches, out["nonfinite"])
                 if out["nonfinite"]:
                     self.nonfinite_streak += 1
@@ -353,14 +356,9 @@ class Trainer:
             bar.close()
         return self.finish()
 
-    def _advance_position(self, batches: List[dict]) -> None:
-        for b in batches:
-            self.position.advance(b)
-
     def _next_epoch(self) -> None:
-        for counts in self.position.counts.values():
-            for k, v in counts.items():
-                self.skip_totals[k] = self.skip_totals.get(k, 0) + v
+        for k, v in self.position.totals().items():
+            self.skip_totals[k] = self.skip_totals.get(k, 0) + v
         self.position = DataPosition(epoch=self.position.epoch + 1)
         self.epoch_steps = 0
         log.info("starting epoch %d at step %d", self.position.epoch, self.step)

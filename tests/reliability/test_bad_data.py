@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clipkit.data import REASONS, build_train_loader, count_samples, expand_urls
+from clipkit.data import REASONS, build_train_loader, count_samples, epoch_shard_order, expand_urls
 from clipkit.data.wds import CAPTION_MAX_CHARS
 from clipkit.data_prep import captions
 from clipkit.models import create_model
@@ -50,21 +50,28 @@ def _single_args(shards, out, steps, extra=()):
 def test_only_good_samples_train_and_counters_match(defect_shards, tmp_path):
     assert set(DEFECTS.values()) >= {"corrupt_image", "empty_image", "not_an_image", "missing_caption", "bad_caption",
                                      "truncated_tar", "too_many_pixels"}
+    # Seed 1, no sample shuffle: in epochs 0-2 shard 0 is the last shard of its worker (list index 2 or 3 of 4, 2
+    # slots), so its cut-off tail is read after that worker's last full batch and is counted only by its end record.
+    # Epoch 3 trains one step, a batch of worker 0 (indices 0 and 2), so shard 0 adds nothing to it.
+    orders = [epoch_shard_order(defect_shards.paths, 1, e).index(defect_shards.paths[0]) for e in range(4)]
+    assert all(i >= 2 for i in orders[:3]) and orders[3] % 2 == 1, orders
     out = tmp_path / "run"
     out.mkdir()
-    # 3 epochs of 4 steps: 216 samples seen (over the 200 the skip-rate check waits for), 11% bad < 50%
-    result = launch_train(_single_args(defect_shards, out, 12, ["--max-skip-rate", "0.5"]),
+    # 3 epochs of 4 steps + 1: 232 samples seen (over the 200 the skip-rate check waits for), 11% bad < 50%
+    result = launch_train(_single_args(defect_shards, out, 13, ["--max-skip-rate", "0.5", "--seed", "1",
+                                                                "--shuffle-buffer", "0"]),
                           extra_env={"CLIPKIT_TEST_RECORD_BATCHES": str(out)})
     assert result.returncode == 0 and result.leftovers == [], result.explain()
     summary = json.loads((out / "summary.json").read_text())
     want = {reason: 3 * n for reason, n in defect_shards.expected.items()}
+    want["ok"] += 16
     assert {k: v for k, v in summary["data_counts"].items() if v} == want
     assert set(summary["data_counts"]) <= set(REASONS)
     # (13, one rank) every epoch trains each good sample exactly once, and nothing else
     by_epoch = keys_by_epoch(recorded_batches(out))
-    assert sorted(by_epoch) == [0, 1, 2]
-    for epoch, keys in by_epoch.items():
-        assert Counter(keys) == Counter(defect_shards.good_keys), epoch
+    assert sorted(by_epoch) == [0, 1, 2, 3] and len(by_epoch[3]) == 16
+    for epoch in (0, 1, 2):
+        assert Counter(by_epoch[epoch]) == Counter(defect_shards.good_keys), epoch
 
     # The same data with a threshold below its 11% bad samples stops once 200 samples were seen, naming the reasons.
     strict = tmp_path / "strict"
