@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -154,8 +154,10 @@ def read_state(path: Path, expected_fingerprint: Dict[str, Any]) -> Dict[str, An
     return state
 
 
-def save(accelerator, output_dir, step: int, state: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
-    """Writes a checkpoint on all ranks; marks it complete last; prunes to the newest `keep_last` complete ones."""
+def save(accelerator, output_dir, step: int, state: Dict[str, Any], config_yaml: str, keep_last: int,
+         before_complete: Callable[[int], None] | None = None) -> Path:
+    """Writes a checkpoint on all ranks; marks it complete last; prunes to the newest `keep_last` complete ones.
+    `before_complete(step)` runs on rank 0 right before the marker is written (tests' fault injection)."""
     path = checkpoint_path(output_dir, step)
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a leftover from a run that died while writing this very step
@@ -166,19 +168,12 @@ def save(accelerator, output_dir, step: int, state: Dict[str, Any], config_yaml:
         _write_atomic(path / "config.yaml", config_yaml)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _before_complete_hook(path)
+        if before_complete is not None:
+            before_complete(step)
         _write_atomic(path / COMPLETE, f"step {step}\n")
         prune(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return path
-
-
-def _before_complete_hook(path: Path) -> None:
-    """Test hook (reliability suite): CLIPKIT_TEST_KILL_BEFORE_COMPLETE=STEP SIGKILLs rank 0 right before the marker."""
-    target = os.environ.get("CLIPKIT_TEST_KILL_BEFORE_COMPLETE")
-    if target and path.name == f"step_{int(target):08d}":
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune(output_dir, keep_last: int) -> None:

@@ -2,6 +2,7 @@
 
 CLIPKIT_TEST_KILL_AT_STEP=S, CLIPKIT_TEST_KILL_RANK=R: SIGKILL rank R between backward and optimizer step of step S
     (1-based step numbers, as in metrics.jsonl). Used by the kill -9 reliability test.
+CLIPKIT_TEST_KILL_BEFORE_COMPLETE=S: SIGKILL rank 0 after checkpoint step S's files, right before its COMPLETE marker.
 CLIPKIT_TEST_NAN_AT_STEPS=S1,S2,..., CLIPKIT_TEST_NAN_RANK=R: rank R's loss becomes NaN at those steps.
 CLIPKIT_TEST_RECORD_BATCHES=DIR: every rank appends one JSON line per step to DIR/batches_rank{R}.jsonl with the
     step, epoch, sample keys and whether the step was skipped (the reliability suite checks that each sample is
@@ -22,11 +23,13 @@ class Faults:
     nan_at_steps: FrozenSet[int] = field(default_factory=frozenset)
     nan_rank: int = 0
     record_dir: str | None = None
+    kill_before_complete: int | None = None
 
     @classmethod
     def from_env(cls) -> "Faults":
         env = os.environ
         kill = env.get("CLIPKIT_TEST_KILL_AT_STEP")
+        torn = env.get("CLIPKIT_TEST_KILL_BEFORE_COMPLETE")
         nan = env.get("CLIPKIT_TEST_NAN_AT_STEPS", "")
         return cls(
             kill_at_step=int(kill) if kill else None,
@@ -34,10 +37,16 @@ class Faults:
             nan_at_steps=frozenset(int(s) for s in nan.split(",") if s.strip()),
             nan_rank=int(env.get("CLIPKIT_TEST_NAN_RANK", "0")),
             record_dir=env.get("CLIPKIT_TEST_RECORD_BATCHES") or None,
+            kill_before_complete=int(torn) if torn else None,
         )
 
     def maybe_kill(self, step: int, rank: int) -> None:
         if self.kill_at_step == step and self.kill_rank == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_complete(self, step: int) -> None:
+        """checkpoint.save's hook, on rank 0."""
+        if self.kill_before_complete == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def poison(self, step: int, rank: int) -> bool:

@@ -178,7 +178,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         import yaml
         return ckpt.save(self.accelerator, self.out, self.step, self._state(),
-                         yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.keep_last)
+                         yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.keep_last,
+                         before_complete=self.faults.before_complete)
 
     # ---------------------------------------------------------------- data
     def _loader(self):
