@@ -44,11 +44,11 @@ REASONS = (
     "ok", "partial_batch", "missing_image", "missing_caption", "bad_caption", "empty_image", "not_an_image",
     "corrupt_image", "too_many_pixels", "bad_size", "truncated_tar", "corrupt_tar", "unreadable_shard",
 )
+GOOD_REASONS = ("ok", "partial_batch")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_MAX_CHARS = 1000
 # Characters that change a caption's tokens without changing what it says: NUL (C-string bugs), zero-width
 # space/non-joiner/joiner, word joiner and BOMs pasted from web pages. open_clip's tokenizer keeps them as tokens.
-GOOD_REASONS = ("ok", "partial_batch")
 INVISIBLE_CHARS = re.compile("[\x00\u200b\u200c\u200d\u2060\ufeff]")
 
 
