@@ -1,6 +1,7 @@
 """Unit tests of the data-prep pieces: captions, readers, SSRF guard, X-Robots-Tag, image processing."""
 
 import gzip
+import hashlib
 import io
 import ipaddress
 
@@ -312,3 +313,21 @@ def test_header_checks_run_before_decoding(monkeypatch):
 def test_output_geometry_rounding():
     assert output_geometry(1000, 333, ImageOptions(image_size=100, resize_mode="keep_ratio"))[1] == (300, 100)
     assert output_geometry(333, 1000, ImageOptions(image_size=100, resize_mode="keep_ratio_largest"))[1] == (33, 100)
+
+
+# ---------------------------------------------------------------- cross-shard dedup table
+
+
+def test_first_seen_table(tmp_path):
+    from clipkit.data_prep.pipeline import FirstSeen
+
+    path = tmp_path / "_dedup.sqlite"
+    path.write_bytes(b"left by a killed run")  # not a database: must be replaced, not opened
+    seen = FirstSeen(str(path))
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
+    assert [seen.first(d, f"k{i}") for i, d in enumerate(digests)] == [f"k{i}" for i in range(2000)]
+    assert seen.first(digests[7], "later") == "k7" and seen.first(digests[7], "k7") == "k7"
+    assert seen.first(digests[1999], "again") == "k1999"
+    assert seen.first(hashlib.sha256(b"new").hexdigest(), "n") == "n"
+    seen.close()
+    assert not path.exists()

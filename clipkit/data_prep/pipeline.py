@@ -5,6 +5,7 @@ sizes.json (open_clip's format) and manifest.json, print a summary.
 import hashlib
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -61,27 +62,59 @@ def is_complete(job: ShardJob, output: str) -> bool:
     return os.path.exists(paths["tar"]) and os.path.getsize(paths["tar"]) == stats.get("tar_bytes")
 
 
+class FirstSeen:
+    """sha256 -> key of its first occurrence, in a SQLite table on disk, so that memory stays bounded however many
+    images there are (a Python dict of hex digests costs ~250 bytes per image: 25 GB for 100 million)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.exists(path):
+            os.remove(path)  # left by a killed run; the table is rebuilt from the shards' parquet files every time
+        self.db = sqlite3.connect(path, isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-65536"):  # a scratch table: 64 MiB cache
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute("CREATE TABLE seen (digest BLOB PRIMARY KEY, key TEXT NOT NULL) WITHOUT ROWID")
+        self.db.execute("BEGIN")
+
+    def first(self, sha256_hex: str, key: str) -> str:
+        """The key the image first came with: `key` itself unless the digest was recorded before."""
+        digest = bytes.fromhex(sha256_hex)
+        if self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (digest, key)).rowcount:
+            return key
+        return self.db.execute("SELECT key FROM seen WHERE digest = ?", (digest,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+        os.remove(self.path)
+
+
 def dedup_across_shards(jobs: List[ShardJob], output: str) -> None:
     """Drops images already written by an earlier shard (first occurrence in input order wins).
 
     Runs after all shards exist, so shards stay independent jobs; rewrites only the shards that hold a duplicate,
     each file through a temporary name, and is idempotent, so a kill in the middle is fixed by running again.
     """
-    seen: Dict[str, str] = {}
-    for job in jobs:
-        paths = shard_paths(output, job.name)
-        table = pq.read_table(paths["parquet"])
-        records = table.to_pylist()
-        drop = []
-        for record in records:
-            if record["status"] != SUCCESS:
-                continue
-            first = seen.setdefault(record["sha256"], record["key"])
-            if first != record["key"]:
-                record.update(status=DUPLICATE, error_reason="same_sha256", error_message=f"duplicate of {first}")
-                drop.append(record["key"])
-        if not drop:
+    seen = FirstSeen(os.path.join(output, "_dedup.sqlite"))
+    try:
+        for job in jobs:
+            _drop_seen(job, output, seen)
+    finally:
+        seen.close()
+
+
+def _drop_seen(job: ShardJob, output: str, seen: FirstSeen) -> None:
+    paths = shard_paths(output, job.name)
+    table = pq.read_table(paths["parquet"])
+    records = table.to_pylist()
+    drop = []
+    for record in records:
+        if record["status"] != SUCCESS:
             continue
+        first = seen.first(record["sha256"], record["key"])
+        if first != record["key"]:
+            record.update(status=DUPLICATE, error_reason="same_sha256", error_message=f"duplicate of {first}")
+            drop.append(record["key"])
+    if drop:
         tar_bytes = filter_tar(paths["tar"], drop)
         extra = [c for c in table.column_names if c not in ("key", "source", "caption") and c not in _RESULT_NAMES]
         for record in records:
