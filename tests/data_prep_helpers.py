@@ -159,3 +159,20 @@ class ImageServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def exif_jpeg() -> bytes:
+    """A 64 x 48 JPEG whose EXIF has IFD0 text, an over-long description, Exif-IFD values, a binary MakerNote and a
+    GPS position."""
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"  # Make
+    exif[0x0110] = "EOS\x00 5D"  # Model, with a NUL
+    exif[0x010E] = "d" * 5000  # ImageDescription
+    exif[0x0112] = 1  # Orientation
+    sub = exif.get_ifd(0x8769)
+    sub[0x8827] = 400  # ISOSpeedRatings
+    sub[0x927C] = b"\x00\x01binary maker note"
+    exif.get_ifd(0x8825)[0x0001] = "N"  # GPSLatitudeRef: the GPS IFD must not come out
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()

@@ -21,7 +21,7 @@ from clipkit.data_prep.distributors import run_on_processes
 from clipkit.data_prep.pipeline import plan_jobs
 from clipkit.data_prep.readers import read_dump
 from clipkit.data_prep.shard import ShardJob, run_shard
-from tests.data_prep_helpers import HTML_PAGE, ImageServer, Route, jpeg_bytes, rgba_png_bytes, write_dump
+from tests.data_prep_helpers import HTML_PAGE, ImageServer, Route, exif_jpeg, jpeg_bytes, rgba_png_bytes, write_dump
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 36
@@ -243,3 +243,23 @@ def test_ray_distributor_matches_multiprocessing(local_dump, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "33 images in 5/5 shards" in result.stdout
     assert _shard_files(out) == _shard_files(reference)
+
+
+def test_extract_exif_into_json_and_parquet(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(exif_jpeg())
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(80, 60))
+    write_dump(str(tmp_path / "dump.csv"), [{"path": "a.jpg", "caption": "red"}, {"path": "b.jpg", "caption": "grey"}],
+               ["path", "caption"])
+    for flag, out in (("--extract-exif", tmp_path / "with"), (None, tmp_path / "without")):
+        result = _cli(str(tmp_path / "dump.csv"), "--path-col", "path", "--caption-col", "caption", "--output",
+                      str(out), "--image-size", "32", "--workers", "1", *([flag] if flag else []))
+        assert result.returncode == 0, result.stderr
+        samples = {s["txt"]: s["json"] for s in wds.WebDataset(str(out / "00000.tar"), shardshuffle=False).decode()}
+        rows = {r["caption"]: r for r in pq.read_table(out / "00000.parquet").to_pylist()}
+        if flag:
+            tags = json.loads(samples["red"]["exif"])
+            assert tags["Image Make"] == "Canon" and tags["EXIF ISOSpeedRatings"] == "400"
+            assert not any("GPS" in name for name in tags)
+            assert json.loads(rows["red"]["exif"]) == tags and json.loads(samples["grey"]["exif"]) == {}
+        else:
+            assert "exif" not in samples["red"] and rows["red"]["exif"] is None

@@ -16,6 +16,7 @@ from clipkit.data_prep.readers import DumpError, read_dump
 from clipkit.images import ImageRejected
 from tests.data_prep_helpers import (
     HTML_PAGE,
+    exif_jpeg,
     huge_png_bytes,
     jpeg_bytes,
     palette_png_bytes,
@@ -331,3 +332,22 @@ def test_first_seen_table(tmp_path):
     assert seen.first(hashlib.sha256(b"new").hexdigest(), "n") == "n"
     seen.close()
     assert not path.exists()
+
+
+# ---------------------------------------------------------------- EXIF
+
+
+def test_exif_extracted_only_when_asked_without_gps_or_binary():
+    from clipkit.data_prep.process import EXIF_MAX_CHARS
+
+    data = exif_jpeg()
+    assert process_image(data, ImageOptions(image_size=32)).exif is None
+    tags = process_image(data, ImageOptions(image_size=32, extract_exif=True)).exif
+    assert tags["Image Make"] == "Canon" and tags["Image Model"] == "EOS 5D" and tags["Image Orientation"] == "1"
+    assert tags["Image ImageDescription"] == "d" * EXIF_MAX_CHARS
+    assert tags["EXIF ISOSpeedRatings"] == "400"
+    assert not any("GPS" in name or "MakerNote" in name or "ExifOffset" in name for name in tags), tags
+    # the byte-for-byte copy path (already 64 x 48 JPEG) extracts it too
+    copied = process_image(data, ImageOptions(image_size=48, resize_mode="keep_ratio", extract_exif=True))
+    assert copied.data == data and copied.exif == tags
+    assert process_image(jpeg_bytes(40, 30), ImageOptions(image_size=32, extract_exif=True)).exif == {}

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--max-aspect-ratio", type=float, default=math.inf, help="reject wider/taller images")
     img.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images (header)")
     img.add_argument("--dedup", action="store_true", help="drop exact duplicate images (sha256), first one wins")
+    img.add_argument("--extract-exif", action="store_true",
+                     help="store the source EXIF (IFD0 + Exif IFD; no GPS, no binary tags) as a JSON string in 'exif'")
 
     cap = p.add_argument_group("captions")
     cap.add_argument("--max-caption-length", type=int, default=1000, help="characters kept after cleaning")
@@ -98,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         max_aspect_ratio=args.max_aspect_ratio,
         max_pixels=args.max_pixels,
         dedup=args.dedup,
+        extract_exif=args.extract_exif,
         max_caption_length=args.max_caption_length,
         keep_empty_captions=args.keep_empty_captions,
         workers=args.workers,

@@ -48,6 +48,7 @@ class ShardConfig:
     min_size: int = 0  # reject images whose smaller side is below this
     max_aspect_ratio: float = math.inf  # reject images with larger side / smaller side above this
     max_pixels: int = DEFAULT_MAX_PIXELS  # reject images with more pixels (checked from the header)
+    extract_exif: bool = False  # source EXIF (no GPS) into each sample's json and the parquet, as a JSON string
     dedup: bool = False  # drop exact duplicate images (sha256 of the source bytes); first occurrence wins
     max_caption_length: int = 1000  # characters kept after cleaning
     keep_empty_captions: bool = False  # keep rows whose cleaned caption is empty
@@ -104,6 +105,7 @@ class ShardConfig:
             min_size=self.min_size,
             max_aspect_ratio=self.max_aspect_ratio,
             max_pixels=self.max_pixels,
+            extract_exif=self.extract_exif,
         )
 
     def fetch_options(self) -> FetchOptions:
@@ -120,8 +122,8 @@ class ShardConfig:
         """Settings that change shard contents (a changed one means complete shards are redone, not skipped)."""
         names = (
             "url_col path_col caption_col extra_cols samples_per_shard image_size resize_mode resize_only_if_bigger "
-            "format quality min_size max_aspect_ratio max_pixels dedup max_caption_length keep_empty_captions "
-            "max_bytes user_agent allow_private_network"
+            "format quality min_size max_aspect_ratio max_pixels extract_exif dedup max_caption_length "
+            "keep_empty_captions max_bytes user_agent allow_private_network"
         ).split()
         settings = {n: getattr(self, n) for n in names}
         settings["disallowed_directives"] = sorted(self.disallowed_directives)

@@ -18,7 +18,7 @@ from clipkit.data_prep.config import ShardConfig, fingerprint
 from clipkit.data_prep.distributors import run_jobs
 from clipkit.data_prep.readers import read_dump
 from clipkit.data_prep.shard import DUPLICATE, SUCCESS, ShardJob, shard_stats
-from clipkit.data_prep.writer import filter_tar, read_json, shard_paths, write_json, write_parquet
+from clipkit.data_prep.writer import RESULT_FIELDS, filter_tar, read_json, shard_paths, write_json, write_parquet
 
 
 def _rows_digest(rows: pa.Table) -> str:
@@ -126,17 +126,7 @@ def _drop_seen(job: ShardJob, output: str, seen: FirstSeen) -> None:
         write_json(paths["stats"], stats)
 
 
-_RESULT_NAMES = {
-    "status",
-    "error_reason",
-    "error_message",
-    "width",
-    "height",
-    "original_width",
-    "original_height",
-    "original_bytes",
-    "sha256",
-}
+_RESULT_NAMES = {name for name, _ in RESULT_FIELDS}
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

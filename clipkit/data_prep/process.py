@@ -13,15 +13,21 @@ Speed without losing safety:
 import io
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Tuple
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from clipkit.images import DEFAULT_MAX_PIXELS, ImageRejected, probe_image, to_rgb
 
 RESIZE_MODES = ("no", "center_crop", "keep_ratio", "keep_ratio_largest", "border")
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# --extract-exif: IFD0 ("Image ...") and the Exif IFD ("EXIF ..."), named as img2dataset's exifread names them. The GPS
+# IFD is left out (a photo's location is personal data), so are binary values (MakerNote, thumbnails, UserComment);
+# a hostile file cannot make the json big: at most EXIF_MAX_TAGS values of EXIF_MAX_CHARS characters.
+_EXIF_POINTERS = {0x8769, 0x8825, 0xA005}  # Exif, GPS and interoperability IFD offsets
+EXIF_MAX_TAGS = 100
+EXIF_MAX_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class ImageOptions:
     min_size: int = 0
     max_aspect_ratio: float = math.inf
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    extract_exif: bool = False
 
 
 @dataclass
@@ -44,6 +51,7 @@ class ProcessedImage:
     height: int
     original_width: int
     original_height: int
+    exif: Dict[str, str] | None = None  # with ImageOptions.extract_exif
 
 
 def check_header(width: int, height: int, options: ImageOptions) -> None:
@@ -82,6 +90,25 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def exif_tags(img: Image.Image) -> Dict[str, str]:
+    """The source image's EXIF as {"Image Make": "Canon", "EXIF ExposureTime": "0.01", ...} (see EXIF_MAX_TAGS)."""
+    out: Dict[str, str] = {}
+    try:
+        exif = img.getexif()
+        for prefix, ifd in (("Image", exif), ("EXIF", exif.get_ifd(0x8769))):
+            for tag, value in ifd.items():
+                if tag in _EXIF_POINTERS or isinstance(value, bytes):
+                    continue
+                text = str(value).replace("\x00", "").strip()
+                if text:
+                    out[f"{prefix} {ExifTags.TAGS.get(tag, f'Tag 0x{tag:04X}')}"] = text[:EXIF_MAX_CHARS]
+                if len(out) == EXIF_MAX_TAGS:
+                    return out
+    except Exception:  # a broken EXIF block must not reject an image that decodes fine
+        pass
+    return out
+
+
 def _load(img: Image.Image) -> Image.Image:
     try:
         img.load()
@@ -98,6 +125,7 @@ def process_image(data: bytes, options: ImageOptions) -> ProcessedImage:
     img, (width, height) = probe_image(data)
     check_header(width, height, options)
     orientation = _orientation(img)
+    exif = exif_tags(img) if options.extract_exif else None
     upright = (height, width) if orientation in _ROTATED else (width, height)
     scale, out_size, padded = output_geometry(*upright, options)
     out_format = FORMATS[options.format]
@@ -107,7 +135,7 @@ def process_image(data: bytes, options: ImageOptions) -> ProcessedImage:
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # full entropy decode, 1/8 IDCT
             _load(img)
-            return ProcessedImage(data, options.format, width, height, *upright)
+            return ProcessedImage(data, options.format, width, height, *upright, exif=exif)
 
     if img.format == "JPEG" and scale < 1.0:
         img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
@@ -123,7 +151,7 @@ def process_image(data: bytes, options: ImageOptions) -> ProcessedImage:
         img.save(buffer, "WEBP", quality=options.quality)
     else:
         img.save(buffer, "PNG", compress_level=6)
-    return ProcessedImage(buffer.getvalue(), options.format, img.width, img.height, *upright)
+    return ProcessedImage(buffer.getvalue(), options.format, img.width, img.height, *upright, exif=exif)
 
 
 def _resize(

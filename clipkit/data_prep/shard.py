@@ -6,6 +6,7 @@ the tar is the same whatever order the downloads finish in.
 """
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -95,6 +96,8 @@ class _RowWorker:
             original_width=image.original_width,
             original_height=image.original_height,
         )
+        if image.exif is not None:
+            record["exif"] = json.dumps(image.exif, sort_keys=True, ensure_ascii=False)
         return record
 
     @staticmethod
@@ -143,6 +146,8 @@ def run_shard(job: ShardJob, config: ShardConfig, progress: Callable[[int], None
                 meta = {n: record.get(n) for n in ("key", "source", "caption", "width", "height")}
                 meta.update({n: record.get(n) for n in ("original_width", "original_height", "original_bytes")})
                 meta.update(record["extras"], sha256=record["sha256"])
+                if config.extract_exif:
+                    meta["exif"] = record.get("exif")
                 tar.add_sample(key, image.ext, image.data, record["caption"], meta)
                 tar.flush()  # the tar bytes are in the file before the journal says the row is done
             journal.append(record, tar.offset)

@@ -25,6 +25,7 @@ RESULT_FIELDS = [
     ("original_height", pa.int32()),
     ("original_bytes", pa.int64()),
     ("sha256", pa.string()),
+    ("exif", pa.string()),  # JSON object as a string (img2dataset's layout); null unless --extract-exif
 ]
 
 
