@@ -235,3 +235,25 @@ def test_two_process_zero_trains_clamps_and_exports(shards, hot_start, tmp_path,
     assert all(v <= math.log(100) + 1e-6 for v in logged)
     assert w["logit_scale"].item() <= math.log(100) + 1e-6
     assert w["logit_scale"].item() > 4.5  # it was clamped, not re-initialised
+
+
+def test_exact_resume_with_grad_accum_and_a_worker_ended_mid_epoch(tmp_path):
+    """Shards of 64, 64, 64 and 32 samples, 2 workers, batch 12 x grad-accum 2: one worker runs out (its end record
+    is consumed) while the other still has batches. A checkpoint taken right then resumes exactly."""
+    d = tmp_path / "shards"
+    write_train_shards(d, n=3 * 64 + 32, per_shard=64, seed=1, size=32)
+    spec = f"{d}/{{00000..00003}}.tar"
+    args = lambda out, *extra: ["--model", "clipkit-tiny", "--train-data", spec, "--batch-size", "12", "--grad-accum",
+                                "2", "--steps", "12", "--lr", "1e-3", "--warmup", "3", "--shuffle-buffer", "16",
+                                "--workers", "2", "--output-dir", str(out), *extra]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(args(straight))
+    run_train(args(resumed, "--stop-at", "9", "--save-every", "9"))
+    state = json.loads((resumed / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
+    assert state["epoch_steps"] == 9 and len(state["position"]["ended"]) == 1, state  # one worker done, one not
+    run_train(args(resumed, "--resume", "auto"))
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    assert_same_weights(final_weights(straight), final_weights(resumed))

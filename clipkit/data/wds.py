@@ -124,15 +124,16 @@ class DataPosition:
         return done
 
     def next_worker(self, num_workers: int, batch_size: int) -> int:
-        """The logical worker whose item comes next: the one after the last worker that has handed out the most
-        items (batches, plus 1 for a consumed end record).
+        """The logical worker whose batch comes next: the one after the last worker that has done the most batches.
 
-        DataLoader's order is rounds 0, 1, ... over workers 0..W-1, each worker in a round while it has items. A
-        worker with the maximal count m finished round m-1; the next item is that round's next live worker's, or the
-        next round's first one. Workers after the last m-worker that have fewer items are either waiting in round
-        m-1 (they come next) or ended (they yield nothing on resume), so starting there is exact in both cases.
+        DataLoader's order is rounds 0, 1, ... over workers 0..W-1, each worker in a round while it has items (batches,
+        then its end record). A worker with the maximal count m finished round m-1; the next batch is that round's
+        next live worker's, or the next round's first one. Workers after the last m-worker that have fewer batches are
+        either waiting in round m-1 (they come next), or have only their end record left (it is folded in, not
+        yielded) or have ended (they yield nothing on resume), so starting there is exact in all cases. A position is
+        only ever taken just after a batch, so end records need not be counted here.
         """
-        done = [n + (w in self.ended) for w, n in enumerate(self.batches(num_workers, batch_size))]
+        done = self.batches(num_workers, batch_size)
         last_max = max(w for w, n in enumerate(done) if n == max(done))
         return (last_max + 1) % len(done)
 
