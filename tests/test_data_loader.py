@@ -3,6 +3,7 @@
 import json
 import os
 import time
+import warnings
 
 import open_clip
 import pytest
@@ -313,3 +314,17 @@ def test_main_process_rngs_untouched(shards7, preprocess, tokenizer):
     assert run(build(shards7, preprocess, tokenizer, num_workers=0), last_epoch=0)
     got = torch.rand(4), random.random()
     assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_ended_worker_reads_nothing_on_resume(tmp_path, preprocess, tokenizer):
+    shards = make_shards(str(tmp_path), 2, 5)
+    loader = build(shards, preprocess, tokenizer, batch_size=2, num_workers=0, shuffle_buffer=0)
+    assert len(run(loader, last_epoch=0)) == 5  # 10 samples, 2 per batch: the end record follows the last batch
+    position = loader.position
+    assert position.ended == [0] and position.totals()["ok"] == 10
+    for path in shards.paths:  # a worker that re-read its shards would now find them empty (and warn)
+        open(path, "wb").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = build(shards, preprocess, tokenizer, batch_size=2, num_workers=0, position=position)
+        assert list(resumed) == [] and resumed.position == position
