@@ -180,6 +180,10 @@ def test_two_process_zero2_exact_resume(shards, two_process_straight, tmp_path):
     assert_same_weights(final_weights(two_process_straight), final_weights(resumed))
     cfg = yaml.safe_load((two_process_straight / "config.yaml").read_text())
     assert cfg["world_size"] == 2 and cfg["zero_stage"] == 2
+    # both ranks' samples: epoch 0 whole (256) and 4 steps of epoch 1 (4 x 16 x 2 ranks)
+    for run in (two_process_straight, resumed):
+        counts = json.loads((run / "summary.json").read_text())["data_counts"]
+        assert counts["ok"] == 256 + 128 and sum(counts.values()) == counts["ok"], counts
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 import torch
 
 from clipkit import distributed as dist
-from clipkit.data import GOOD_REASONS, DataPosition, build_train_loader, count_samples
+from clipkit.data import GOOD_REASONS, REASONS, DataPosition, build_train_loader, count_samples
 from clipkit.losses import build_loss
 from clipkit.models import create_model, export_open_clip, preprocess_cfg_of
 from clipkit.train import checkpoint as ckpt
@@ -209,6 +209,12 @@ class Trainer:
             totals[k] = totals.get(k, 0) + v
         return totals
 
+    def _global_counts(self) -> Dict[str, int]:
+        """`_skip_counts` summed over ranks (a collective: every rank calls it)."""
+        local = self._skip_counts()
+        summed = dist.all_reduce_sum(torch.tensor([local.get(r, 0) for r in REASONS], dtype=torch.float64))
+        return {r: int(n) for r, n in zip(REASONS, summed.tolist())}
+
     def _check_skip_rate(self, counts: Dict[str, int]) -> int:
         good = sum(counts.get(k, 0) for k in GOOD_REASONS)
         t = dist.all_reduce_sum(torch.tensor([sum(counts.values()), good], dtype=torch.float64))
@@ -395,7 +401,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if not ckpt.is_complete(ckpt.checkpoint_path(self.out, self.step)):
             self.save_checkpoint()
-        summary: Dict[str, Any] = {"step": self.step, "data_counts": self._skip_counts(),
+        summary: Dict[str, Any] = {"step": self.step, "data_counts": self._global_counts(),
                                    "nonfinite_steps": self.nonfinite_total}
         done = self.step >= cfg.steps
         state_dict = acc.get_state_dict(self.model) if done else None  # gathers ZeRO-3 partitions (collective)
