@@ -23,6 +23,7 @@ from clipkit.train.config import TrainConfig, save_yaml
 from clipkit.train.faults import Faults
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
+from clipkit.transforms import split_uint8
 
 log = logging.getLogger("clipkit.train")
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -122,6 +123,8 @@ class Trainer:
             cfg.model, hf_text_model=cfg.hf_text_model, lock_text=cfg.lock_text, siglip=cfg.loss == "siglip",
             pretrained=cfg.pretrained, config_dir=self.out / "model_config")
         self.preprocess_cfg = preprocess_cfg_of(model)
+        # workers send uint8 images; the last two steps of the transform run on the batch, on the device
+        self.loader_transform, self.normalize = split_uint8(self.preprocess_train)
         optimizer = build_optimizer(model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
         scheduler = build_scheduler(optimizer, cfg.warmup, cfg.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -185,7 +188,7 @@ class Trainer:
     def _loader(self):
         cfg = self.cfg
         return build_train_loader(
-            urls=cfg.train_data, preprocess=self.preprocess_train, tokenizer=self.tokenizer,
+            urls=cfg.train_data, preprocess=self.loader_transform, tokenizer=self.tokenizer,
             batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed, rank=self.rank, world_size=self.world,
             resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, position=self.position,
             max_pixels=cfg.max_image_pixels, allow_unsafe_urls=cfg.allow_unsafe_urls,
@@ -233,6 +236,12 @@ class Trainer:
             return self.loss_fn(img, txt, scale, bias)
         return self.loss_fn(img, txt, scale)
 
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.accelerator.device, non_blocking=True)
+        if self.normalize is not None:
+            images = self.normalize(images)
+        return images.to(self.image_dtype) if self.image_dtype is not None else images
+
     def train_step(self, batches: List[dict]) -> Dict[str, Any]:
         """batch -> forward -> loss -> finite check -> backward -> clip -> step -> schedule.
 
@@ -243,8 +252,7 @@ class Trainer:
         """
         acc, model, ga = self.accelerator, self.model, self.cfg.grad_accum
         dev = acc.device
-        micro = [(b["image"].to(dev, dtype=self.image_dtype, non_blocking=True), b["text"].to(dev, non_blocking=True))
-                 for b in batches]
+        micro = [(self._images(b["image"]), b["text"].to(dev, non_blocking=True)) for b in batches]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         poison = self.faults.poison(self.step + 1, self.rank)
         if ga == 1:
