@@ -23,8 +23,10 @@ class DeviceNormalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"DeviceNormalize expects uint8 images, got {images.dtype}")
+        if self.mean.device != images.device:  # once: not a host-to-device copy per batch
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         x = images.to(torch.float32).div_(255)  # ToTensor
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))  # Normalize
+        return x.sub_(self.mean).div_(self.std)  # Normalize
 
 
 def split_uint8(transform: Callable) -> Tuple[Callable, DeviceNormalize | None]:

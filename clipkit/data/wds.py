@@ -340,7 +340,7 @@ class WorkerStreams(IterableDataset):
                 images, captions, keys = [], [], []
         # epoch mode (resampled streams never end): the last partial batch is dropped, and counted as such
         counts["ok"] -= len(images)
-        counts["partial_batch"] = counts.get("partial_batch", 0) + len(images)
+        counts["partial_batch"] += len(images)
         yield {"image": None, "end": True, "worker": logical, "consumed": consumed, "counts": counts,
                "epoch": self.epoch}
 

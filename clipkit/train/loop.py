@@ -372,8 +372,7 @@ class Trainer:
         return self.finish()
 
     def _next_epoch(self) -> None:
-        for k, v in self.position.totals().items():
-            self.skip_totals[k] = self.skip_totals.get(k, 0) + v
+        self.skip_totals = self._skip_counts()
         self.position = DataPosition(epoch=self.position.epoch + 1)
         self.epoch_steps = 0
         log.info("starting epoch %d at step %d", self.position.epoch, self.step)
