@@ -41,6 +41,11 @@ class ShardJob:
     key_digits: int  # digits of the row number inside the shard
 
 
+def mark_duplicate(record: Dict[str, Any], first_key: str) -> None:
+    """--dedup: `record` holds the same image bytes as the row with key `first_key`, which wins."""
+    record.update(status=DUPLICATE, error_reason="same_sha256", error_message=f"duplicate of {first_key}")
+
+
 def shard_key(job: ShardJob, index: int) -> str:
     """img2dataset's key layout: shard number then row number inside the shard, zero-padded."""
     return f"{job.name}{index:0{job.key_digits}d}"
@@ -141,7 +146,7 @@ def run_shard(job: ShardJob, config: ShardConfig, progress: Callable[[int], None
             if record["status"] == SUCCESS and config.dedup:
                 first = seen.setdefault(record["sha256"], key)
                 if first != key:
-                    record.update(status=DUPLICATE, error_reason="same_sha256", error_message=f"duplicate of {first}")
+                    mark_duplicate(record, first)
             if record["status"] == SUCCESS:
                 meta = {n: record.get(n) for n in ("key", "source", "caption", "width", "height")}
                 meta.update({n: record.get(n) for n in ("original_width", "original_height", "original_bytes")})
