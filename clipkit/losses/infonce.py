@@ -1,4 +1,4 @@
-"""Contrastive losses: symmetric InfoNCE (CLIP) with an optional memory-efficient chunked path, and SigLIP.
+"""Symmetric InfoNCE (CLIP) with an optional memory-efficient chunked path.
 
 CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) trains with a symmetric cross-entropy over the B x B
 image-text similarity matrix. Across ranks clipkit uses open_clip's "local loss" formulation: every rank gathers all
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import SigLipLoss as _OpenClipSigLipLoss
 from torch import nn
 
 from clipkit.distributed import gather_features, rank_world
@@ -274,43 +273,3 @@ class ContrastiveLoss(nn.Module):
             F.cross_entropy(_logits(image, all_text, scale), labels)
             + F.cross_entropy(_logits(text, all_image, scale), labels)
         )
-
-
-class SigLipLoss(nn.Module):
-    """Sigmoid pairwise loss (SigLIP, Zhai et al. 2023, https://arxiv.org/abs/2303.15343): open_clip's SigLipLoss.
-
-    A thin wrapper so training code does not pass rank/world_size: they are read from torch.distributed at every call
-    (so constructing the loss before init_process_group is fine). Cross-rank text features travel by open_clip's
-    neighbour exchange (`dist_impl`, default 'bidir'), with gradient.
-    """
-
-    def __init__(self, dist_impl: str | None = None):
-        super().__init__()
-        self.loss = _OpenClipSigLipLoss(dist_impl=dist_impl)
-
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor,
-    ) -> torch.Tensor:
-        """image_features, text_features: [B, D] float, L2-normalised, same B on every rank; logit_scale (already
-        exponentiated) and logit_bias: 1-element or 0-dim float tensors. Returns a 0-dim tensor: this rank's loss,
-        summed over its B x (W*B) pairs and divided by B, as in the paper."""
-        self.loss.rank, self.loss.world_size = rank_world()
-        return self.loss(image_features, text_features, logit_scale, logit_bias)
-
-
-LOSS_NAMES = ("clip", "siglip")
-
-
-def build_loss(name: str, chunk_size: int | None = None) -> nn.Module:
-    """The loss for a model family: "clip" -> ContrastiveLoss(chunk_size), "siglip" -> SigLipLoss()."""
-    if name == "clip":
-        return ContrastiveLoss(chunk_size=chunk_size)
-    if name == "siglip":
-        if chunk_size is not None:
-            raise ValueError("chunk_size applies to the 'clip' loss only; SigLIP's open_clip loss is not chunked")
-        return SigLipLoss()
-    raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")
