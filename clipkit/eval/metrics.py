@@ -44,22 +44,14 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict:
     return out
 
 
-def save_confusion(cm: torch.Tensor, classnames: Sequence[str], prefix: str) -> Dict[str, str]:
-    """Writes PREFIX.json ({classnames, matrix: rows true, columns predicted}) and PREFIX.png; returns both paths."""
-    import matplotlib
+def confusion_figure(cm: torch.Tensor, classnames: Sequence[str]):
+    """A matplotlib Figure of the row-normalised confusion matrix (counts written in the cells up to 20 classes)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prefix_path = Path(prefix)
-    prefix_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = f"{prefix}.json", f"{prefix}.png"
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump({"classnames": list(classnames), "rows": "true class", "columns": "predicted class",
-                   "matrix": cm.tolist()}, f)
     n = len(classnames)
     size = min(4 + 0.45 * n, 40)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     row_sum = cm.sum(dim=1, keepdim=True).clamp(min=1)
     frac = (cm.double() / row_sum).numpy()
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
@@ -74,6 +66,16 @@ def save_confusion(cm: torch.Tensor, classnames: Sequence[str], prefix: str) -> 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def save_confusion(cm: torch.Tensor, classnames: Sequence[str], prefix: str) -> Dict[str, str]:
+    """Writes PREFIX.json ({classnames, matrix: rows true, columns predicted}) and PREFIX.png; returns both paths."""
+    prefix_path = Path(prefix)
+    prefix_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = f"{prefix}.json", f"{prefix}.png"
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump({"classnames": list(classnames), "rows": "true class", "columns": "predicted class",
+                   "matrix": cm.tolist()}, f)
+    confusion_figure(cm, classnames).savefig(png_path, dpi=100)
     return {"json": json_path, "png": png_path}

@@ -9,7 +9,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 SCHEMA_KEYS = ("dataset", "model", "pretrained", "task", "metrics")
 ID_COLUMNS = ("model", "pretrained", "dataset", "task")
@@ -50,21 +50,30 @@ def format_result(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def load_results(paths: Iterable[str]) -> List[Dict]:
-    """Reads result JSONs. A directory contributes every result *.json in it (sorted; other JSONs there, such as
-    confusion matrices, are passed over); a file named explicitly must be a result."""
-    results = []
+def iter_result_files(paths: Iterable[str]) -> Iterator[Tuple[Path, Dict]]:
+    """(file, result) for each result JSON. A directory contributes every result *.json in it (sorted; other JSONs
+    there, such as confusion matrices, are passed over); a file named explicitly must be a result. A missing file or
+    malformed JSON is an error naming the file."""
     for p in paths:
         in_dir = Path(p).is_dir()
+        if not in_dir and not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: no such result file or directory")
         for f in sorted(Path(p).glob("*.json")) if in_dir else [Path(p)]:
-            with open(f, encoding="utf-8") as fh:
-                data = json.load(fh)
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: malformed JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
             if not isinstance(data, dict) or any(k not in data for k in SCHEMA_KEYS):
                 if in_dir:
                     continue
                 raise ValueError(f"{f}: not a result file (needs keys {', '.join(SCHEMA_KEYS)})")
-            results.append(data)
-    return results
+            yield f, data
+
+
+def load_results(paths: Iterable[str]) -> List[Dict]:
+    """Reads result JSONs (see `iter_result_files`)."""
+    return [data for _, data in iter_result_files(paths)]
 
 
 def to_rows(results: Sequence[Dict]) -> tuple:
