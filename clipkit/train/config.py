@@ -60,6 +60,7 @@ class TrainConfig:
     log_every: int = _f(1, "write metrics every N steps")
     tensorboard: bool = _f(True, "write TensorBoard events to OUTPUT/tensorboard")
     progress: bool = _f(True, "show a progress bar on rank 0")
+    report: bool = _f(True, "write RUN/report.html at the end of the run")
     # eval during training
     zeroshot_data: str | None = _f(None, "dataset spec for zero-shot eval during training (see eval/zeroshot.py)")
     zeroshot_every: int = _f(0, "run zero-shot eval every N steps (0 = only at the end, if zeroshot_data is set)")

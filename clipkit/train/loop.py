@@ -423,6 +423,9 @@ class Trainer:
                 json.dump(summary, f, indent=2)
             if self.metrics is not None:
                 self.metrics.close()
+            if cfg.report:  # RUN/report.html; a failure only logs a warning, never fails the run
+                from clipkit.report import write_report_after_training
+                write_report_after_training(self.out, device=str(acc.device))
         acc.wait_for_everyone()
         return summary
 
