@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     print(f"\ndone in {time.time() - t0:.0f} s; run dir {out / 'run'} (final/ loads with "
           f"open_clip.create_model_and_transforms('local-dir:{out / 'run' / 'final'}'))")
+    print(f"run report: {out / 'run' / 'report.html'} (open it in a browser)")
     return 0
 
 
