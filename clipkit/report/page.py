@@ -120,10 +120,24 @@ def strip_html(strip: Strip) -> str:
     return "".join(parts) + "</div>"
 
 
-def confusion_html(title: str, confusion: Chart, recall: Chart) -> str:
-    return (f"<h3>{e(title)}</h3><div class=\"pair\"><img class=\"chart\" data-chart=\"confusion\" alt=\"confusion "
-            f"matrix\" src=\"{confusion.uri}\"><img class=\"chart\" data-chart=\"recall\" alt=\"per-class recall\" "
-            f"src=\"{recall.uri}\"></div>")
+def per_class_recall(classnames: Sequence[str], matrix: Sequence[Sequence[int]]) -> List[Dict]:
+    """[{class, images, correct, recall}] from a confusion matrix (rows: true class), worst recall first."""
+    rows = [{"class": name, "images": sum(row), "correct": row[i], "recall": row[i] / sum(row) if sum(row) else ""}
+            for i, (name, row) in enumerate(zip(classnames, matrix))]
+    return sorted(rows, key=lambda r: (r["recall"] == "", r["recall"] if r["recall"] != "" else 0))
+
+
+def confusion_html(title: str, classnames: Sequence[str], matrix: Sequence[Sequence[int]]) -> str:
+    """Confusion matrix and per-class recall bars side by side, the recall numbers in a folded table below."""
+    from clipkit.report.charts import confusion_chart, recall_chart
+
+    cm, recall = confusion_chart(classnames, matrix, title), recall_chart(classnames, matrix, "per-class recall")
+    rows = per_class_recall(classnames, matrix)
+    return (f'<div class="confusion-block"><h3>{e(title)}</h3><div class="pair">'
+            f'<img class="chart" data-chart="confusion" alt="confusion matrix" src="{cm.uri}">'
+            f'<img class="chart" data-chart="recall" alt="per-class recall" src="{recall.uri}"></div>'
+            f"<details><summary>per-class recall table ({len(rows)} classes)</summary>"
+            f"{table(['class', 'images', 'correct', 'recall'], rows, '')}</details></div>")
 
 
 def config_html(runs: Sequence[Run]) -> str:

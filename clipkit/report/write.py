@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, List, Sequence
 
-from clipkit.report.charts import confusion_chart, curve_charts, recall_chart
+from clipkit.report.charts import curve_charts
 from clipkit.report.page import confusion_html, render
 from clipkit.report.runs import EvalResult, Run, load_eval_results, load_runs, metric_table, owner_label
 from clipkit.report.strip import Strip, build_strip
@@ -54,16 +54,14 @@ def _confusions(runs: Sequence[Run], results: Sequence[EvalResult], strips: Sequ
         acc = res.data["metrics"].get("acc1")
         title = f"{owner}: {res.data['task']} on {res.data['dataset']}" + (f", top-1 {acc:.1%}" if acc is not None
                                                                               else "")
-        blocks.append(confusion_html(title, confusion_chart(res.classnames, res.confusion, title),
-                                     recall_chart(res.classnames, res.confusion, "per-class recall")))
+        blocks.append(confusion_html(title, res.classnames, res.confusion))
     for s in strips:
         z = s.zeroshot
         if z is None or s.run_label in covered:
             continue
         title = (f"{s.run_label}: zero-shot on the {z['n']} sampled images of {s.spec} (templates {z['templates']}), "
                  f"top-1 {z['acc1']:.1%}")
-        blocks.append(confusion_html(title, confusion_chart(z["classnames"], z["matrix"], title),
-                                     recall_chart(z["classnames"], z["matrix"], "per-class recall")))
+        blocks.append(confusion_html(title, z["classnames"], z["matrix"]))
     return blocks
 
 
