@@ -49,6 +49,22 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
+def gather_detached(x: torch.Tensor) -> torch.Tensor:
+    """All-gather a per-rank tensor along dim 0 without gradient, e.g. caption ids or a queue's new keys.
+
+    x: [B, ...] of any dtype (float features, int64 ids), the same shape on every rank. Returns a new [W*B, ...]
+    tensor on x's device, rank r's rows at [r*B, (r+1)*B); every rank gets the same tensor. The collective runs on
+    the backend's device (as all_reduce_sum). Single process: x.detach() (no copy).
+    """
+    world = rank_world()[1]
+    if world == 1:
+        return x.detach()
+    local = x.detach().to(_comm_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts, dim=0).to(x.device)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over ranks: a new tensor on t's device, no gradient, `t` not modified. Single process: a copy.
 
@@ -104,3 +120,90 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         payload = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     dist.broadcast(payload, src=src)
     return json.loads(payload.cpu().numpy().tobytes().decode("utf-8"))
+
+
+def barrier() -> None:
+    """Every rank waits here for all the others (no-op in a single process)."""
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed parameters
+# Under DeepSpeed a parameter may exist in several copies: the module's (bf16 under bf16 training; partitioned over
+# ranks under ZeRO-3, as `param.ds_tensor`) and the optimizer's fp32 master (partitioned over ranks under ZeRO 1-3, a
+# fragment per rank at `param._hp_mapping`, or `param._z3_optimizer` under ZeRO-3). These helpers are the only code
+# that touches those copies; each says whether it is a collective.
+
+
+def gathered_parameters(params, enabled: bool):
+    """Context in which ZeRO-3 partitioned `params` are whole on every rank (a collective); a no-op when disabled."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params))
+
+
+def full_fp32_param(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The optimizer's fp32 master copy of `param`, whole, on every rank (a collective under ZeRO 1-3: every rank must
+    call it for the same parameter). None for a parameter DeepSpeed keeps no master of (frozen, or no DeepSpeed)."""
+    if not param.requires_grad:
+        return None
+    # `_hp_mapping` exists (None on ranks not holding a fragment) on every rank for every parameter the optimizer
+    # owns, so every rank takes the same branch here and meets the others in the collective.
+    if not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping"):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
+
+
+def clamp_param_(param: torch.nn.Parameter, low: float, high: float) -> None:
+    """Clamps every copy of `param` that this rank holds, in place: the module's (or its ZeRO-3 partition) and this
+    rank's fragment of the fp32 master. No collective and no host sync: each rank clamps its own copies, which are
+    replicas or disjoint partitions of one value, so the result equals clamping the whole parameter once."""
+    with torch.no_grad():
+        if hasattr(param, "ds_id"):  # ZeRO-3: the module parameter is a partition; so is the master
+            param.ds_tensor.clamp_(low, high)
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            local = safe_get_local_fp32_param(param)
+            if local is not None and local.numel():
+                safe_set_local_fp32_param(param, local.clamp(low, high))
+            return
+        param.data.clamp_(low, high)
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:  # ZeRO 1/2 and DeepSpeed's bf16 optimizer: this rank's fragment of the master
+            mapping.get_hp_fragment().clamp_(low, high)
+
+
+def read_param(param: torch.nn.Parameter, zero3: bool) -> torch.Tensor:
+    """A detached copy of the whole module parameter (a collective under ZeRO-3, where every rank must call it)."""
+    with gathered_parameters([param], enabled=zero3):
+        return param.detach().clone()
+
+
+def full_fp32_state_dict(module: torch.nn.Module, zero3: bool,
+                         frozen: dict | None = None) -> dict:
+    """The module's state dict in float32 from the optimizer's fp32 masters (a collective: every rank calls it).
+
+    Under DeepSpeed bf16 the module's own weights are the bf16 rounding of the masters; this returns the masters.
+    Parameters without a master (frozen ones) come from `frozen` (name -> tensor, e.g. copied before DeepSpeed cast
+    the module), else from the module (gathered under ZeRO-3). Buffers come from the module. Tensors are on the CPU.
+    """
+    frozen = frozen or {}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    out = {}
+    for name in module.state_dict(keep_vars=True):
+        if name in params:
+            master = full_fp32_param(params[name])
+            if master is None:
+                master = frozen[name] if name in frozen else read_param(params[name], zero3)
+            shape = getattr(params[name], "ds_shape", params[name].shape)  # ZeRO-3 keeps the whole shape aside
+            out[name] = master.detach().to("cpu", torch.float32).reshape(shape)
+        elif name in buffers:
+            out[name] = buffers[name].detach().to("cpu")
+    return out

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from clipkit.losses.infonce import RECOMMENDED_CHUNK_SIZE, ContrastiveLoss
+from clipkit.losses.infonce import RECOMMENDED_CHUNK_SIZE, ContrastiveLoss, duplicate_caption_mask
 from clipkit.losses.siglip import SigLipLoss
 
-__all__ = ["LOSS_NAMES", "RECOMMENDED_CHUNK_SIZE", "ContrastiveLoss", "SigLipLoss", "build_loss"]
+__all__ = [
+    "LOSS_NAMES",
+    "RECOMMENDED_CHUNK_SIZE",
+    "ContrastiveLoss",
+    "SigLipLoss",
+    "build_loss",
+    "duplicate_caption_mask",
+]
 
 LOSS_NAMES = ("clip", "siglip")
 

@@ -1,25 +1,45 @@
-"""Symmetric InfoNCE (CLIP) with an optional memory-efficient chunked path.
+"""Symmetric InfoNCE (CLIP), plain or chunked, with hard-negative weighting and negatives beyond the batch.
 
 CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) trains with a symmetric cross-entropy over the B x B
 image-text similarity matrix. Across ranks clipkit uses open_clip's "local loss" formulation: every rank gathers all
 features (with gradient) and computes its own B rows against all W*B columns, so no rank builds the W*B x W*B matrix.
 `ContrastiveLoss()` is numerically open_clip's `ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)`.
 
-`ContrastiveLoss(chunk_size=K)` additionally never materialises the B x B (or B x W*B) logits: a custom autograd
-Function walks over K rows at a time, keeps only O(B) logsumexp statistics, and recomputes each chunk of logits in
-backward to form softmax - onehot chunk by chunk (the recompute-instead-of-store idea of FlashAttention, Dao et al.
-2022, applied to the contrastive loss as in "Inf-CL", Cheng et al. 2024, https://arxiv.org/abs/2410.17243).
-Peak extra memory drops from O(B^2) to O(K*B); see BENCHMARKS.md "Loss memory". RECOMMENDED_CHUNK_SIZE is the default
-to use for training.
+`ContrastiveLoss(chunk_size=K)` additionally never materialises the B x B (or B x W*B) logits: custom autograd
+Functions (clipkit/losses/infonce_chunked.py) walk over K rows at a time, keep only O(B) logsumexp statistics, and
+recompute each chunk of logits in backward to form softmax - onehot chunk by chunk (the recompute-instead-of-store
+idea of FlashAttention, Dao et al. 2022, applied to the contrastive loss as in "Inf-CL", Cheng et al. 2024,
+https://arxiv.org/abs/2410.17243). Peak extra memory drops from O(B^2) to O(K*B); see BENCHMARKS.md "Loss memory".
+RECOMMENDED_CHUNK_SIZE is the default to use for training.
+
+Beyond the in-batch loss (issue 11), each optional and combinable, plain and chunked, 1 or W processes:
+- hard_negative_beta: HN-NCE (Radenovic et al. 2023, https://arxiv.org/abs/2301.02280), negatives re-weighted by
+  w_ij = n_i exp(beta l_ij) / sum_k exp(beta l_ik) over row i's n_i negatives, gradients through the weights.
+- image_queue / text_queue: [K, D] features of earlier batches (MoCo, He et al. 2020; ALBEF, Li et al. 2021) as
+  extra columns without gradient: image->text rows see W*B batch texts + K queued texts, text->image rows W*B batch
+  images + K queued images.
+- text_negatives: per-row extra text columns for the image->text direction only (NegCLIP's perturbed captions,
+  Yuksekgonul et al. 2023).
+- caption_ids: columns whose caption id equals the row's (an identical caption of another sample, in the batch or in
+  the queue) are left out of the denominator in both directions; they are false negatives.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkit.distributed import gather_features, rank_world
+from clipkit.distributed import gather_detached, gather_features, rank_world
+from clipkit.losses.infonce_chunked import (
+    _InfoNCERowsChunked,
+    _logits,
+    _NegativesTiled,
+    _stats_dtype,
+    _SymmetricInfoNCEChunked,
+)
 
 # The chunk size to train with (BENCHMARKS.md "Loss memory", D=512): on CPU float32 at B=16384 it needs ~5-6% of
 # open_clip's extra memory and about half its time (16 idle cores); K=2048 was no faster and needs more. On a GPU,
@@ -27,211 +47,114 @@ from clipkit.distributed import gather_features, rank_world
 RECOMMENDED_CHUNK_SIZE = 1024
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Softmax statistics are accumulated in at least float32 (like FlashAttention does for bf16 matmuls): summing
-    # thousands of exp() terms in bf16/fp16 would lose the loss to rounding.
-    return torch.promote_types(dtype, torch.float32)
 
+def duplicate_caption_mask(row_ids: torch.Tensor, col_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """[B, N] bool, True where column j is a duplicate of row i's positive: same caption id, not the positive.
 
-def _mm_stats(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b in the statistics dtype (into `out` when given) for inputs of any float dtype; not differentiable.
-
-    bf16/fp16 operands keep the fast low-precision matmul; on CUDA its float32 accumulator is written out directly
-    (out_dtype) instead of being rounded to bf16 first, which costs each logit of magnitude ~14 up to 0.06.
+    row_ids: [B] int64 caption ids of this rank's pairs (e.g. hashes of their token ids); col_ids: [N] int64 ids of
+    the columns, where column offset + i is row i's positive (the gathered batch, optionally followed by a queue's).
+    These are the columns `ContrastiveLoss(...)(..., caption_ids=...)` leaves out of each row's denominator.
     """
-    stats_dtype = _stats_dtype(a.dtype)
-    if a.dtype == stats_dtype:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=stats_dtype, out=out)
-    product = torch.mm(a, b).to(stats_dtype)  # CPU has no out_dtype matmul for bf16/fp16
-    return product if out is None else out.copy_(product)
+    index = torch.arange(row_ids.shape[0], device=row_ids.device)
+    duplicate = row_ids[:, None] == col_ids[None, :]
+    duplicate[index, offset + index] = False
+    return duplicate
 
 
-def _logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
-    """[k, D] x [N, D] -> [k, N] logits `scale * rows @ cols.T` in the statistics dtype, into `out` when given.
-
-    The scale is folded into the k x D operand (cheaper than scaling k x N), which is also exactly how open_clip
-    evaluates `logit_scale * image_features @ text_features.T` (left to right), so the roundings match. The product
-    is taken in the statistics dtype before rounding to the feature dtype, as open_clip under autocast does: rounding
-    the scale itself to bf16 (1/0.07 -> 14.3125) would bias every logit by 0.2%.
-    """
-    scaled_rows = (rows.to(_stats_dtype(rows.dtype)) * scale).to(rows.dtype)
-    if out is None:  # the plain path differentiates through this, and out_dtype matmuls have no autograd formula
-        return torch.mm(scaled_rows, cols.T).to(_stats_dtype(rows.dtype))
-    return _mm_stats(scaled_rows, cols.T, out=out)
+def _caption_negative_logits(image: torch.Tensor, text_negatives: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[B, M] logits scale * <image_i, text_negatives_im> in the statistics dtype, rounded as `_logits` rounds."""
+    scaled = (image.to(_stats_dtype(image.dtype)) * scale).to(image.dtype)
+    return torch.bmm(text_negatives, scaled[:, :, None]).squeeze(2).to(_stats_dtype(image.dtype))
 
 
-def _row_chunks(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, chunk_size: int):
-    """Yields (start, stop, logits) with logits = scale * rows[start:stop] @ cols.T, [stop - start, N].
-
-    Every chunk is a view of ONE buffer allocated here, overwritten by the next chunk (callers may scribble on it):
-    reusing it rather than allocating K x N per chunk avoids re-faulting fresh pages each time, which on CPU costs
-    as much as the elementwise work, and keeps the allocator from fragmenting.
-    """
-    batch = rows.shape[0]
-    buffer = torch.empty(min(chunk_size, batch), cols.shape[0], dtype=_stats_dtype(rows.dtype), device=rows.device)
-    for start in range(0, batch, chunk_size):
-        stop = min(start + chunk_size, batch)
-        yield start, stop, _logits(rows[start:stop], cols, scale, out=buffer[: stop - start])
-
-
-def _row_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """logsumexp over dim 1 of [k, N] logits using scratch ([>= k, N]) for the exp, so no [k, N] allocation."""
-    row_max = logits.amax(dim=1, keepdim=True)
-    exps = torch.sub(logits, row_max, out=scratch[: logits.shape[0]]).exp_()
-    return exps.sum(dim=1).log_().add_(row_max.squeeze(1))
-
-
-def _backprop_chunk(
-    grad_logits: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    grad_rows_out: torch.Tensor,
-    grad_cols_unscaled: torch.Tensor,
-) -> torch.Tensor:
-    """Backward of one [k, N] chunk `logits = scale * rows @ cols.T`, given G = d loss / d logits ([k, N]).
-
-    Writes d/d rows = scale * G @ cols into grad_rows_out ([k, D]), adds G.T @ rows into grad_cols_unscaled ([N, D]
-    in the statistics dtype; the caller multiplies by scale once at the end) and returns this chunk's d/d scale
-    = sum(G * rows @ cols.T) = sum((G @ cols) * rows), which reuses G @ cols: no extra [k, N] elementwise pass.
-    """
-    grad_logits = grad_logits.to(rows.dtype)  # bf16/fp16 features: low-precision matmuls, float32 results
-    grad_rows_unscaled = _mm_stats(grad_logits, cols)
-    grad_scale = (grad_rows_unscaled * rows).sum(dtype=grad_rows_unscaled.dtype)
-    grad_rows_out.copy_(grad_rows_unscaled.mul_(scale))
-    if grad_cols_unscaled.dtype == rows.dtype:
-        grad_cols_unscaled.addmm_(grad_logits.T, rows)
-    else:  # accumulate over chunks in float32: B / K bf16 additions would each round
-        grad_cols_unscaled.add_(_mm_stats(grad_logits.T, rows))
-    return grad_scale
+def _negatives_plain(rows, cols, queue, extra_logits, scale, row_ids, col_ids, queue_ids, offset, beta):
+    """One direction of `_NegativesTiled`'s loss (same inputs and math), with the whole [B, N + K + M] logits."""
+    logits, ids = _logits(rows, cols, scale), col_ids
+    if queue is not None:
+        logits = torch.cat([logits, _logits(rows, queue, scale)], dim=1)
+        ids = None if col_ids is None else torch.cat([col_ids, queue_ids])
+    index = torch.arange(rows.shape[0], device=rows.device)
+    positives = logits[index, offset + index]
+    negative = torch.ones_like(logits, dtype=torch.bool)
+    negative[index, offset + index] = False
+    if ids is not None:
+        negative &= ids[None, :] != row_ids[:, None]
+    if extra_logits is not None:
+        logits = torch.cat([logits, extra_logits], dim=1)
+        negative = torch.cat([negative, torch.isfinite(extra_logits)], dim=1)
+    count = negative.sum(dim=1)
+    # A row with no negative left gets finite stand-ins (its S is -inf below): keeps logsumexp's gradient finite.
+    negatives = logits.masked_fill(~negative, float("-inf")).masked_fill((count == 0)[:, None], 0.0)
+    log_weighted = torch.logsumexp((1.0 + beta) * negatives, dim=1)
+    if beta:
+        log_weighted = count.to(logits.dtype).log() + log_weighted - torch.logsumexp(beta * negatives, dim=1)
+    log_weighted = torch.where(count > 0, log_weighted, float("-inf"))
+    return (torch.logaddexp(positives, log_weighted) - positives).mean()
 
 
-class _SymmetricInfoNCEChunked(torch.autograd.Function):
-    """Single process: both InfoNCE directions from ONE pass of chunked matmuls.
-
-    Rows and columns are the same set of B pairs, so the image->text direction is a row-wise logsumexp and the
-    text->image direction a column-wise one over the same logits: rows are reduced per chunk, columns with a streaming
-    (online) logsumexp. Forward: 1 B x B x D matmul; backward: recompute + 2 gradient matmuls. open_clip needs 6.
-    """
-
-    @staticmethod
-    def forward(ctx, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, chunk_size: int):
-        batch = image.shape[0]
-        scale = logit_scale.reshape(())
-        stats_dtype = _stats_dtype(image.dtype)
-        row_lse = torch.empty(batch, dtype=stats_dtype, device=image.device)
-        positives = torch.empty(batch, dtype=stats_dtype, device=image.device)
-        col_max = torch.full((batch,), float("-inf"), dtype=stats_dtype, device=image.device)
-        col_sum = torch.zeros(batch, dtype=stats_dtype, device=image.device)
-        scratch = torch.empty(min(chunk_size, batch), batch, dtype=stats_dtype, device=image.device)
-        for start, stop, logits in _row_chunks(image, text, scale, chunk_size):
-            # The diagonal of the full matrix: pair i's positive logit, taken from the same numbers the lse sees.
-            positives[start:stop] = logits.diagonal(offset=start)
-            row_lse[start:stop] = _row_logsumexp(logits, scratch)
-            # Online logsumexp over columns: rescale the running sum to the new running max before adding the chunk.
-            # Shifting per row / per column (not by one global bound) keeps exp() from underflowing when a whole row
-            # or column sits far below the largest logit (tests: test_chunked_loss_is_finite_for_extreme_logits).
-            new_max = torch.maximum(col_max, logits.amax(dim=0))
-            col_sum.mul_(torch.exp(col_max - new_max)).add_(logits.sub_(new_max).exp_().sum(dim=0))
-            col_max = new_max
-        col_lse = col_sum.log_().add_(col_max)
-        loss = 0.5 * ((row_lse - positives).mean() + (col_lse - positives).mean())
-        ctx.chunk_size = chunk_size
-        # Only O(B) statistics beyond the features themselves (which autograd keeps alive anyway).
-        ctx.save_for_backward(image, text, logit_scale, row_lse, col_lse)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        image, text, logit_scale, row_lse, col_lse = ctx.saved_tensors
-        batch = image.shape[0]
-        scale = logit_scale.reshape(())
-        # d loss / d logits = 0.5/B * (softmax_rows + softmax_cols - 2 * I), times the incoming scalar gradient.
-        coef = grad_loss.to(row_lse.dtype) * (0.5 / batch)
-        grad_image = torch.empty_like(image)
-        grad_text_unscaled = torch.zeros_like(text, dtype=row_lse.dtype)
-        grad_scale = torch.zeros((), dtype=row_lse.dtype, device=image.device)
-        scratch = torch.empty(min(ctx.chunk_size, batch), batch, dtype=row_lse.dtype, device=image.device)
-        for start, stop, logits in _row_chunks(image, text, scale, ctx.chunk_size):
-            probs_rows = torch.sub(logits, row_lse[start:stop, None], out=scratch[: stop - start]).exp_()
-            grad_logits = logits.sub_(col_lse).exp_().add_(probs_rows)
-            grad_logits.diagonal(offset=start).sub_(2.0)
-            grad_scale += _backprop_chunk(
-                grad_logits.mul_(coef), image[start:stop], text, scale, grad_image[start:stop], grad_text_unscaled
-            )
-        grad_text = grad_text_unscaled.mul_(scale).to(text.dtype)
-        return grad_image, grad_text, grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None
-
-
-class _InfoNCERowsChunked(torch.autograd.Function):
-    """One InfoNCE direction, chunked over rows: mean_i [lse_j(s * rows_i . cols_j) - s * rows_i . cols_{offset+i}].
-
-    rows: [B, D] local features, cols: [N, D] gathered features of the other modality, offset: where this rank's
-    pairs sit in cols (rank * B). Used per direction when rows and columns are different sets (multi-rank).
-    """
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor, offset: int, chunk_size: int):
-        batch = rows.shape[0]
-        scale = logit_scale.reshape(())
-        stats_dtype = _stats_dtype(rows.dtype)
-        lse = torch.empty(batch, dtype=stats_dtype, device=rows.device)
-        positives = torch.empty(batch, dtype=stats_dtype, device=rows.device)
-        scratch = torch.empty(min(chunk_size, batch), cols.shape[0], dtype=stats_dtype, device=rows.device)
-        for start, stop, logits in _row_chunks(rows, cols, scale, chunk_size):
-            positives[start:stop] = logits.diagonal(offset=offset + start)
-            lse[start:stop] = _row_logsumexp(logits, scratch)
-        ctx.offset, ctx.chunk_size = offset, chunk_size
-        ctx.save_for_backward(rows, cols, logit_scale, lse)
-        return (lse - positives).mean()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        rows, cols, logit_scale, lse = ctx.saved_tensors
-        scale = logit_scale.reshape(())
-        coef = grad_loss.to(lse.dtype) / rows.shape[0]
-        grad_rows = torch.empty_like(rows)
-        grad_cols_unscaled = torch.zeros_like(cols, dtype=lse.dtype)
-        grad_scale = torch.zeros((), dtype=lse.dtype, device=rows.device)
-        for start, stop, logits in _row_chunks(rows, cols, scale, ctx.chunk_size):
-            grad_logits = logits.sub_(lse[start:stop, None]).exp_()
-            grad_logits.diagonal(offset=ctx.offset + start).sub_(1.0)  # softmax - onehot
-            grad_scale += _backprop_chunk(
-                grad_logits.mul_(coef), rows[start:stop], cols, scale, grad_rows[start:stop], grad_cols_unscaled
-            )
-        grad_cols = grad_cols_unscaled.mul_(scale).to(cols.dtype)
-        return grad_rows, grad_cols, grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None, None
+def _check_features(name: str, x: torch.Tensor | None, shape: tuple) -> None:
+    """x must be None or have `shape` (None entries: any size)."""
+    if x is not None and (x.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape))):
+        wanted = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape [{wanted}], got {tuple(x.shape)}")
 
 
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE over image-text pairs, open_clip's ClipLoss(local_loss=True, gather_with_grad=True).
 
     chunk_size: None computes the plain B x (W*B) logits; an int K streams K rows at a time and never holds more than
-    a [K, B] (or [K, W*B]) block, in forward or backward. Both paths give the same loss and gradients
-    (tests/test_losses.py). RECOMMENDED_CHUNK_SIZE is the value to train with: measured single-process, it is faster
-    than open_clip in float32 on CPU (~2x) and GPU (~1.2x) but ~1.5x slower than open_clip for bf16 features on a GPU,
-    where its unfused float32 elementwise passes over each chunk cost more than the bf16 matmuls
+    a [K, B] (or [K, W*B]) block, in forward or backward; with any of the options below it works on [K, K] tiles
+    (queue columns included). Both paths give the same loss and gradients (tests/test_losses.py,
+    tests/test_losses_negatives.py). RECOMMENDED_CHUNK_SIZE is the value to train with: measured single-process, it
+    is faster than open_clip in float32 on CPU (~2x) and GPU (~1.2x) but ~1.5x slower than open_clip for bf16
+    features on a GPU, where its unfused float32 elementwise passes over each chunk cost more than the bf16 matmuls
     (BENCHMARKS.md "Loss memory"). Multi-rank it runs 8 [B, W*B, D] matmuls to open_clip's 6 (the recompute).
+
+    hard_negative_beta: HN-NCE's beta (>= 0; 0 = plain InfoNCE). Per direction, over the n_i negatives of row i
+    (every column but the positive, minus duplicates when caption ids are given) with l_ij = scale * <x_i, y_j>:
+        w_ij = n_i exp(beta l_ij) / sum_{k neg} exp(beta l_ik),
+        loss_i = -log(exp(l_ii) / (exp(l_ii) + sum_{j neg} w_ij exp(l_ij))),
+    averaged over rows, the two directions averaged; gradients flow through the weights. Without duplicates n_i is
+    N - 1 for N columns: exactly issue 11's formula.
     """
 
-    def __init__(self, chunk_size: int | None = None):
+    def __init__(self, chunk_size: int | None = None, hard_negative_beta: float = 0.0):
         super().__init__()
-        if chunk_size is not None and chunk_size < 1:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if not math.isfinite(hard_negative_beta) or hard_negative_beta < 0:
+            raise ValueError(f"hard_negative_beta must be a finite number >= 0 (0 = off), got {hard_negative_beta!r}")
         self.chunk_size = chunk_size
+        self.hard_negative_beta = float(hard_negative_beta)
 
     def forward(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        *,
+        image_queue: torch.Tensor | None = None,
+        text_queue: torch.Tensor | None = None,
+        text_negatives: torch.Tensor | None = None,
+        caption_ids: torch.Tensor | None = None,
+        queue_caption_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of this rank's pairs.
 
         image_features, text_features: [B, D] float (float32/bf16/fp16/float64), L2-normalised by the model; the same
             B on every rank. Row i of each is pair i.
         logit_scale: 1-element or 0-dim float tensor, the already-exponentiated temperature (model.logit_scale.exp()).
+        image_queue, text_queue: [K, D] float or None, L2-normalised features of earlier batches, the same on every
+            rank (FeatureQueue.columns()); used detached, as extra columns of text->image (image_queue) and
+            image->text (text_queue). K may be 0.
+        text_negatives: [B, M, D] float or None, L2-normalised text features of M extra negatives per pair (e.g.
+            perturbed captions), used for that pair's image->text row only, with gradient.
+        caption_ids: [B] int64 or None, one id per pair that is equal for equal captions (e.g. a hash of its token
+            ids). Given, every column whose id equals the row's, other than the positive itself, is left out of that
+            row's denominator, in both directions (batch and queue columns; text_negatives are never left out).
+        queue_caption_ids: [K] int64, the queue's caption ids; needed with caption_ids and a non-empty queue.
         Returns a 0-dim tensor in the statistics dtype (float32, or float64 for float64 inputs). Averaging it over
-        ranks gives the loss of the global W*B batch.
+        ranks gives the loss of the global W*B batch (with the same queue on every rank).
         """
         if image_features.shape != text_features.shape or image_features.ndim != 2:
             raise ValueError(
@@ -240,15 +163,73 @@ class ContrastiveLoss(nn.Module):
             )
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must have one element, got shape {tuple(logit_scale.shape)}")
+        batch, dim = image_features.shape
+        for name, queue in (("image_queue", image_queue), ("text_queue", text_queue)):
+            _check_features(name, queue, (None, dim))
+        _check_features("text_negatives", text_negatives, (batch, None, dim))
         dtype = torch.promote_types(image_features.dtype, text_features.dtype)
         image, text = image_features.to(dtype), text_features.to(dtype)
+        # Queues are constants (earlier batches' keys); an empty one (K = 0, before the first enqueue) is no queue.
+        image_queue, text_queue = (
+            None if q is None or q.shape[0] == 0 else q.detach().to(dtype) for q in (image_queue, text_queue)
+        )
+        if text_negatives is not None and text_negatives.shape[1] == 0:
+            text_negatives = None
+        self._check_ids(batch, caption_ids, queue_caption_ids, image_queue, text_queue)
         rank, world = rank_world()
         # Autocast off: the chunked Functions pick their own precision (matmuls in the feature dtype, statistics in
         # >= float32), and the plain path must match it.
         with torch.autocast(device_type=image.device.type, enabled=False):
+            if self.hard_negative_beta or caption_ids is not None or text_negatives is not None or (
+                image_queue is not None or text_queue is not None
+            ):
+                negatives = None if text_negatives is None else text_negatives.to(dtype)
+                return self._with_negatives(
+                    image, text, logit_scale, rank, image_queue, text_queue, negatives, caption_ids, queue_caption_ids
+                )
             if world == 1:
                 return self._single_process(image, text, logit_scale)
             return self._multi_rank(image, text, logit_scale, rank)
+
+    @staticmethod
+    def _check_ids(batch, caption_ids, queue_caption_ids, image_queue, text_queue) -> None:
+        for name, ids in (("caption_ids", caption_ids), ("queue_caption_ids", queue_caption_ids)):
+            if ids is not None and (ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex):
+                raise ValueError(f"{name} must be a 1-d integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+        _check_features("caption_ids", caption_ids, (batch,))
+        queues = [q for q in (image_queue, text_queue) if q is not None]
+        if caption_ids is None or not queues:
+            return
+        if queue_caption_ids is None:
+            raise ValueError("caption_ids with a non-empty queue needs queue_caption_ids ([K] ids of the queue)")
+        for queue in queues:
+            _check_features("queue_caption_ids", queue_caption_ids, (queue.shape[0],))
+
+    def _with_negatives(
+        self, image, text, logit_scale, rank, image_queue, text_queue, text_negatives, caption_ids, queue_caption_ids
+    ) -> torch.Tensor:
+        all_image, all_text = gather_features(image), gather_features(text)
+        all_ids = None if caption_ids is None else gather_detached(caption_ids)
+        queue_ids = None if caption_ids is None else queue_caption_ids
+        offset, scale, beta = rank * image.shape[0], logit_scale.reshape(()), self.hard_negative_beta
+        extra = None if text_negatives is None else _caption_negative_logits(image, text_negatives, scale)
+        directions = (
+            (image, all_text, text_queue, extra),  # image->text: batch texts, text queue, caption negatives
+            (text, all_image, image_queue, None),  # text->image: batch images, image queue
+        )
+        losses = []
+        for rows, cols, queue, extra_logits in directions:
+            if self.chunk_size is None:
+                losses.append(
+                    _negatives_plain(rows, cols, queue, extra_logits, scale, caption_ids, all_ids, queue_ids, offset,
+                                     beta)  # fmt: skip
+                )
+            else:
+                losses.append(
+                    _NegativesTiled.apply(rows, cols, queue, extra_logits, logit_scale, caption_ids, all_ids,
+                                          queue_ids, offset, self.chunk_size, beta)  # fmt: skip
+                )
+        return 0.5 * (losses[0] + losses[1])
 
     def _single_process(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         if self.chunk_size is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from open_clip.loss import SigLipLoss as _OpenClipSigLipLoss
 from torch import nn
 
 from clipkit.distributed import rank_world
@@ -19,6 +18,9 @@ class SigLipLoss(nn.Module):
 
     def __init__(self, dist_impl: str | None = None):
         super().__init__()
+        # Imported here: open_clip pulls in timm and torchvision, which importing clipkit.losses should not.
+        from open_clip.loss import SigLipLoss as _OpenClipSigLipLoss
+
         self.loss = _OpenClipSigLipLoss(dist_impl=dist_impl)
 
     def forward(
