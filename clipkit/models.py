@@ -54,8 +54,16 @@ def resolve_model_config(model: str, hf_text_model: str | None = None) -> Tuple[
     if model.endswith(".json") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"model config file not found: {model}")
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config {model}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                             f"{e.msg}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"model config {model}: cannot read it ({e})") from e
+        if not isinstance(cfg, dict):
+            raise ValueError(f"model config {model}: expected a JSON object, got {type(cfg).__name__}")
         name = path.stem
     else:
         cfg = open_clip.get_model_config(model)
@@ -102,12 +110,17 @@ def create_model(
         siglip: bool = False,
         config_dir: Path | None = None,
         pretrained: str | None = None,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_image_freeze_bn_stats: bool = False,
 ):
     """Builds a trainable open_clip model from a config name or JSON path.
 
     Returns (model, model_cfg, preprocess_train, preprocess_val, tokenizer). `model.logit_scale` is a 1-element
     parameter initialised to ln(1/0.07); with `siglip`, a `logit_bias` initialised to -10 and logit_scale to ln(10)
-    (the SigLIP paper's init). `lock_text` freezes the whole text tower except its projection (LiT).
+    (the SigLIP paper's init). `lock_text` freezes the whole text tower except its projection; `lock_image` freezes
+    the image tower but for its last `lock_image_unlocked_groups` layer groups (open_clip's `lock_image_tower`; LiT,
+    Zhai et al. 2022, is `lock_image` with pretrained image weights).
     """
     name, cfg = resolve_model_config(model, hf_text_model)
     if open_clip.get_model_config(name) != cfg:
@@ -121,12 +134,15 @@ def create_model(
         name, pretrained=pretrained, output_dict=True, **kwargs)
     if lock_text:
         lock_text_tower(net)
+    if lock_image:
+        net.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=lock_image_freeze_bn_stats)
     tokenizer = open_clip.get_tokenizer(name)
     return net, cfg, preprocess_train, preprocess_val, tokenizer
 
 
 def lock_text_tower(net: nn.Module) -> None:
-    """LiT: freezes the text tower; the text projection stays trainable so the towers can still align."""
+    """Freezes the text tower (for a pretrained one); the text projection stays trainable so the towers can still
+    align."""
     if hasattr(net, "text") and hasattr(net.text, "lock"):
         # CustomTextCLIP (HF or custom text tower): open_clip freezes the encoder, keeps the projection trainable.
         net.text.lock(unlocked_layers=0, freeze_layer_norm=True)

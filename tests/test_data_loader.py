@@ -5,7 +5,6 @@ import os
 import time
 import warnings
 
-import open_clip
 import pytest
 import torch
 from PIL import ImageFile
@@ -16,24 +15,14 @@ from tests._shards import DEFECTS, make_shards
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return open_clip.tokenizer.SimpleTokenizer(context_length=16)
-
-
-@pytest.fixture(scope="module")
-def preprocess():
-    # open_clip's real train transform (RandomResizedCrop draws from torch's RNG), small for speed
-    return open_clip.image_transform(16, is_train=True)
-
-
-@pytest.fixture(scope="module")
 def shards7(tmp_path_factory):
     """7 shards, so worker slots get unequal shard counts; shard 0 holds bad samples and is cut short."""
     return make_shards(str(tmp_path_factory.mktemp("s7")), 7, 5, bad=("html_image", "bad_caption", "truncated_tar"))
 
 
 def build(shards, preprocess, tokenizer, **kw):
-    args = dict(batch_size=3, num_workers=2, seed=0, rank=0, world_size=1, shuffle_buffer=6)
+    # whole-shard split: these tests place shards on workers on purpose (unequal workers, a defect shard last)
+    args = dict(batch_size=3, num_workers=2, seed=0, rank=0, world_size=1, shuffle_buffer=6, split="shards")
     args.update(kw)
     return build_train_loader(shards.spec if hasattr(shards, "spec") else shards, preprocess, tokenizer, **args)
 

@@ -1,9 +1,19 @@
 """Training data: WebDataset shards -> deterministic, exactly resumable batches (see `wds`)."""
 
-from .urls import count_samples, expand_urls
-from .wds import GOOD_REASONS, REASONS, DataPosition, TrainLoader, build_train_loader, epoch_shard_order
+from .urls import count_samples, expand_urls, shard_sizes
+from .wds import (
+    GOOD_REASONS,
+    REASONS,
+    DataPosition,
+    LoaderStalled,
+    TrainLoader,
+    build_train_loader,
+    default_stall_samples,
+    epoch_pieces,
+    epoch_shard_order,
+)
 
 __all__ = [
-    "GOOD_REASONS", "REASONS", "DataPosition", "TrainLoader", "build_train_loader", "count_samples",
-    "epoch_shard_order", "expand_urls",
+    "GOOD_REASONS", "REASONS", "DataPosition", "LoaderStalled", "TrainLoader", "build_train_loader", "count_samples",
+    "default_stall_samples", "epoch_pieces", "epoch_shard_order", "expand_urls", "shard_sizes",
 ]

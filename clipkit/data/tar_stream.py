@@ -15,7 +15,7 @@ import random
 import re
 import tarfile
 import zlib
-from typing import Any, Dict, Iterable, Iterator
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
@@ -23,6 +23,7 @@ from webdataset.tariterators import base_plus_ext
 log = logging.getLogger(__name__)
 
 RawSample = Dict[str, Any]
+ShardPiece = Tuple[str, int, int | None]  # (url, start, stop): the items of a shard with index in [start, stop)
 
 ERROR_KEY = "__error__"
 # webdataset's rule for metadata members (`__meta__`, `__index__/...`) that are not samples
@@ -74,16 +75,25 @@ def unsafe_member_name(name: str) -> bool:
     return name.startswith("/") or ".." in name.replace("\\", "/").split("/")
 
 
-def iter_shard(url: str) -> Iterator[RawSample]:
-    """Yields the raw samples of one shard, then at most one error marker. Never raises for bad data."""
+def iter_shard(url: str, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
+    """Yields the raw samples of one shard, then at most one error marker. Never raises for bad data.
+
+    `start`/`stop`: only the items whose index in the shard's stream (samples and the marker counted alike) is in
+    [start, stop); samples before `start` are passed over without reading their data, and reading ends at `stop`.
+    A marker's index is that of the sample it replaces (the one being read when the tar broke), or 0 for a shard
+    that cannot be opened.
+    """
     try:
         stream = gopen(url, "rb")
     except OSError as e:
-        shard_warnings.warn("unreadable_shard", f"{url}: {e}")
-        yield {ERROR_KEY: "unreadable_shard", "__url__": url}
+        if start == 0:
+            shard_warnings.warn("unreadable_shard", f"{url}: {e}")
+            yield {ERROR_KEY: "unreadable_shard", "__url__": url}
         return
     members = 0
     current = None
+    stopped_early = False
+    index = -1  # index of `current` in the shard's stream
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)
         for info in tar:
@@ -98,28 +108,43 @@ def iter_shard(url: str) -> Iterator[RawSample]:
             if prefix is None:
                 continue
             if current is None or prefix != current["__key__"]:
-                if current is not None:
+                if current is not None and index >= start:
                     yield current  # complete: a member of the next key has begun
+                index += 1
+                if stop is not None and index >= stop:
+                    current = None
+                    stopped_early = True
+                    break
                 current = {"__key__": prefix, "__url__": url}
-            data = tar.extractfile(info).read()
-            current.setdefault(suffix.lower(), data)  # a duplicated member keeps its first copy
-        if current is not None:
+            if index >= start:
+                data = tar.extractfile(info).read()
+                current.setdefault(suffix.lower(), data)  # a duplicated member keeps its first copy
+        if current is not None and index >= start:
             yield current
     except (_TarBroken, tarfile.TarError, EOFError, OSError, zlib.error) as e:
         reason = getattr(e, "reason", "truncated_tar") if members else "unreadable_shard"
-        shard_warnings.warn(reason, f"{url}: {e}")
-        yield {ERROR_KEY: reason, "__url__": url}
+        at = max(index, 0)  # the marker replaces the sample being read
+        if at >= start and (stop is None or at < stop):
+            shard_warnings.warn(reason, f"{url}: {e}")
+            yield {ERROR_KEY: reason, "__url__": url}
     finally:
         try:
             stream.close()
         except OSError as e:  # a pipe or curl that exited non-zero; the data it gave was already handled
-            shard_warnings.warn("shard_close", f"{url}: {e}")
+            if not stopped_early:  # a reader that stops mid-shard makes curl fail with a broken pipe
+                shard_warnings.warn("shard_close", f"{url}: {e}")
 
 
 def iter_shards(urls: Iterable[str]) -> Iterator[RawSample]:
     """Concatenates the raw streams of `urls` (any iterable, possibly endless)."""
     for url in urls:
         yield from iter_shard(url)
+
+
+def iter_pieces(pieces: Iterable["ShardPiece"]) -> Iterator[RawSample]:
+    """Concatenates the raw streams of shard pieces: (url, start, stop) as `iter_shard` reads them."""
+    for url, start, stop in pieces:
+        yield from iter_shard(url, start, stop)
 
 
 def shuffle_buffer(items: Iterable[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:

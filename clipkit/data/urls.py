@@ -113,28 +113,38 @@ def _known_sizes(directory: str, cache: Dict[str, Dict[str, int]]) -> Dict[str, 
     return cache[directory]
 
 
-def count_samples(urls: Union[str, Sequence[str]], allow_unsafe_urls: bool = False) -> int:
-    """Number of samples (keys) in the shards of `urls`, bad ones included.
+def shard_sizes(urls: Union[str, Sequence[str]], allow_unsafe_urls: bool = False,
+                read_remote: bool = True) -> List[int | None]:
+    """Samples (keys) per shard of `urls`, bad ones included, in order.
 
     Per shard: `sizes.json` in the shard's folder if it lists the shard; else img2dataset's `<shard>_stats.json`
-    ("successes"); else the tar headers are read (member data is skipped for local files, streamed for remote ones).
+    ("successes"); else the tar headers are read (member data is skipped for local files, streamed for remote ones;
+    with read_remote=False a remote shard's size is None instead).
     """
-    total = 0
+    sizes: List[int | None] = []
     cache: Dict[str, Dict[str, int]] = {}
     for url in expand_urls(urls, allow_unsafe_urls=allow_unsafe_urls):
         path = _local_path(url)
         if path is not None:
             directory, name = os.path.split(path)
-            sizes = _known_sizes(directory or ".", cache)
-            if name in sizes:
-                total += sizes[name]
+            known = _known_sizes(directory or ".", cache)
+            if name in known:
+                sizes.append(known[name])
                 continue
             stats_path = os.path.join(directory, name.split(".")[0] + "_stats.json")
             if os.path.isfile(stats_path):
                 with open(stats_path, encoding="utf-8") as f:
                     stats = json.load(f)
                 if isinstance(stats.get("successes"), int):
-                    total += stats["successes"]
+                    sizes.append(stats["successes"])
                     continue
-        total += _count_tar_keys(url)
-    return total
+        elif not read_remote:
+            sizes.append(None)
+            continue
+        sizes.append(_count_tar_keys(url))
+    return sizes
+
+
+def count_samples(urls: Union[str, Sequence[str]], allow_unsafe_urls: bool = False) -> int:
+    """Number of samples (keys) in the shards of `urls`, bad ones included (see `shard_sizes`)."""
+    return sum(n or 0 for n in shard_sizes(urls, allow_unsafe_urls=allow_unsafe_urls))

@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from .tar_stream import ERROR_KEY, RawSample, iter_shard, iter_shards, shard_warnings, shuffle_buffer
-from .urls import expand_urls
+from .tar_stream import ERROR_KEY, RawSample, ShardPiece, iter_pieces, iter_shard, shard_warnings, shuffle_buffer
+from .urls import expand_urls, shard_sizes
 
 # Every reason a raw sample can be counted under; batch["counts"] always has all of them. "ok": decoded into a batch;
 # "partial_batch": decoded, but in a worker's last, incomplete batch of an epoch, which is dropped. The rest are bad.
@@ -57,11 +57,51 @@ def mix_seed(*parts: Union[int, str]) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
-def epoch_shard_order(shards: Sequence[str], seed: int, epoch: int) -> List[str]:
-    """The epoch's shuffled shard list; slot s of S reads `epoch_shard_order(...)[s::S]` in epoch mode."""
+def epoch_shard_order(shards: Sequence[Any], seed: int, epoch: int) -> List[Any]:
+    """The epoch's shuffled shard list (the same permutation for any list of the same length)."""
     order = list(shards)
     random.Random(mix_seed("shard_order", seed, epoch)).shuffle(order)
     return order
+
+
+def epoch_pieces(shards: Sequence[str], sizes: Sequence[int] | None, seed: int, epoch: int, num_slots: int,
+                 slot: int) -> List[ShardPiece]:
+    """What slot `slot` of `num_slots` reads in epoch mode: (url, start, stop) pieces of the epoch's shard order.
+
+    With `sizes` (samples per shard, in `shards` order), the split is by samples: the epoch's shards, in order, form
+    one sequence of N items and slot s reads items [s*N//S, (s+1)*N//S), so every slot gets N/S items (+-1) however
+    unequal the shards are. Items past a shard's listed size (a stale sizes.json) belong to the slot holding its last
+    listed item, an empty shard to the slot holding its position, so every item is read by exactly one slot.
+    Without sizes, slot s reads the whole shards `order[s::S]` (equal only if the shards are).
+    """
+    order = epoch_shard_order(list(range(len(shards))), seed, epoch)
+    if sizes is None:
+        return [(shards[i], 0, None) for i in order[slot::num_slots]]
+    total = sum(sizes)
+    lo, hi = slot * total // num_slots, (slot + 1) * total // num_slots
+    pieces: List[ShardPiece] = []
+    offset = 0
+    for i in order:
+        n = sizes[i]
+        if n == 0:
+            owner = _owner(min(offset, total - 1), total, num_slots) if total else 0
+            if owner == slot:
+                pieces.append((shards[i], 0, None))
+        elif offset < hi and offset + n > lo:
+            start, stop = max(lo - offset, 0), min(hi - offset, n)
+            pieces.append((shards[i], start, None if offset + n <= hi else stop))
+        offset += n
+    return pieces
+
+
+def _owner(position: int, total: int, num_slots: int) -> int:
+    """The slot whose range [s*N//S, (s+1)*N//S) holds `position`."""
+    slot = position * num_slots // total
+    while (slot + 1) * total // num_slots <= position:
+        slot += 1
+    while slot * total // num_slots > position:
+        slot -= 1
+    return slot
 
 
 @dataclass
@@ -154,6 +194,23 @@ class DataPosition:
         return DataPosition.from_dict(self.to_dict())
 
 
+def default_stall_samples(batch_size: int) -> int:
+    """Raw samples a worker may read in a row without completing a batch before it stalls (see LoaderStalled): far
+    past what --max-skip-rate would allow on real data, and reached in seconds on a stream of only bad samples."""
+    return max(10_000, 20 * batch_size)
+
+
+class LoaderStalled(Exception):
+    """A loader worker read `stall_samples` raw samples in a row without completing a batch (e.g. shards of captions
+    without images in resampled mode, whose stream never ends). `counts`: that worker's counts by reason."""
+
+    def __init__(self, worker: int, rank: int, read: int, counts: Dict[str, int]):
+        bad = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()) if v and k not in GOOD_REASONS) or "none"
+        super().__init__(f"loader worker {worker} of rank {rank} read {read:,} samples in a row without completing a "
+                         f"batch (bad samples by reason: {bad})")
+        self.worker, self.rank, self.read, self.counts = worker, rank, read, dict(counts)
+
+
 class SampleSkipped(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -234,8 +291,12 @@ class WorkerStreams(IterableDataset):
         shuffle_buffer: int,
         max_pixels: int | None,
         caption_max_chars: int = CAPTION_MAX_CHARS,
+        sizes: Sequence[int] | None = None,
+        stall_samples: int | None = None,
     ):
         self.shards = list(shards)
+        self.stall_samples = stall_samples or default_stall_samples(batch_size)
+        self.sizes = list(sizes) if sizes is not None else None
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -280,7 +341,7 @@ class WorkerStreams(IterableDataset):
         if self.resampled:
             raw = self._resampled_shards(slot)
         else:
-            raw = iter_shards(epoch_shard_order(self.shards, self.seed, self.epoch)[slot::self.num_slots])
+            raw = iter_pieces(epoch_pieces(self.shards, self.sizes, self.seed, self.epoch, self.num_slots, slot))
         rng = random.Random(mix_seed("shuffle_buffer", self.seed, self.epoch, slot))
         return shuffle_buffer(raw, self.shuffle_buffer, rng)
 
@@ -316,8 +377,14 @@ class WorkerStreams(IterableDataset):
         images: List[torch.Tensor] = []
         captions: List[str] = []
         keys: List[str] = []
+        since_batch = 0
         for raw in stream:
             consumed += 1
+            since_batch += 1
+            if since_batch > self.stall_samples:
+                yield {"image": None, "stalled": True, "worker": logical, "consumed": consumed - 1, "counts": counts,
+                       "epoch": self.epoch, "read": since_batch - 1}
+                return
             try:
                 image, caption = self.decode(raw, mix_seed("augment", self.seed, self.epoch, slot, consumed))
             except SampleSkipped as e:
@@ -338,6 +405,7 @@ class WorkerStreams(IterableDataset):
                     "epoch": self.epoch,
                 }
                 images, captions, keys = [], [], []
+                since_batch = 0
         # epoch mode (resampled streams never end): the last partial batch is dropped, and counted as such
         counts["ok"] -= len(images)
         counts["partial_batch"] += len(images)
@@ -412,9 +480,12 @@ class TrainLoader:
             persistent_workers=False,
             # DataLoader draws worker base seeds from this instead of the global RNG, which it would advance
             generator=torch.Generator().manual_seed(mix_seed("dataloader", self.streams.seed, self.epoch) >> 1),
+            worker_init_fn=_one_thread,
         )
         for batch in loader:
             self._position.advance(batch)
+            if batch.get("stalled"):  # its counts are in the position, for the error message
+                raise LoaderStalled(batch["worker"], self.streams.rank, batch["read"], batch["counts"])
             if batch.get("end"):
                 continue  # a worker's end record: counts only
             yield batch
@@ -422,6 +493,11 @@ class TrainLoader:
             if cap is not None and done >= cap:
                 break
         self._pass_complete = True
+
+
+def _one_thread(_worker_id: int) -> None:
+    # A worker transforms one image at a time; more intra-op threads would only compete with the training processes.
+    torch.set_num_threads(1)
 
 
 def build_train_loader(
@@ -442,6 +518,9 @@ def build_train_loader(
     caption_max_chars: int = CAPTION_MAX_CHARS,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    sizes: Sequence[int | None] | None = None,
+    split: str = "auto",
+    stall_samples: int | None = None,
 ) -> TrainLoader:
     """A deterministic, exactly resumable loader of training batches for one rank.
 
@@ -455,6 +534,11 @@ def build_train_loader(
     position: where to resume (None = epoch 0 from the start).
     batches_per_epoch: end each pass after this many batches of this process (counted from the epoch's start,
         resumed ones included); required in practice with resampled=True, whose passes never end otherwise.
+    sizes: samples per shard (see `clipkit.data.shard_sizes`; counted here when None). Epoch mode splits the epoch by
+        samples when every size is known (so unequal shards give every slot an equal share), else by whole shards.
+    split: "auto" (as just said), "samples" (sizes required: counted, remote shards included) or "shards".
+    stall_samples: a worker that reads this many raw samples in a row without completing a batch makes iteration
+        raise LoaderStalled (default max(10,000, 20 x batch_size)): a stream of only bad samples never ends otherwise.
     Yields dicts: image [B, 3, H, W] float, text [B, L] long, worker (logical id), consumed, counts (see
     DataPosition), keys (list of B sample keys), epoch.
     """
@@ -468,15 +552,25 @@ def build_train_loader(
         raise ValueError(f"batches_per_epoch must be >= 1 or None, got {batches_per_epoch}")
     shards = expand_urls(urls, allow_unsafe_urls=allow_unsafe_urls)
     slots = world_size * max(num_workers, 1)
-    if not resampled and len(shards) < slots:
+    if split not in ("auto", "samples", "shards"):
+        raise ValueError(f"split must be auto, samples or shards, got {split!r}")
+    if split == "shards":
+        sizes = None
+    elif not resampled and sizes is None:
+        sizes = shard_sizes(shards, allow_unsafe_urls=allow_unsafe_urls, read_remote=split == "samples")
+    if sizes is not None and len(sizes) != len(shards):
+        raise ValueError(f"sizes has {len(sizes)} entries for {len(shards)} shards")
+    known = None if resampled or sizes is None or any(n is None for n in sizes) else [int(n) for n in sizes]
+    if not resampled and known is None and len(shards) < slots:
         raise ValueError(
-            f"{len(shards)} shards cannot be split over {slots} worker slots (world_size={world_size} x "
-            f"num_workers={max(num_workers, 1)}): use more shards, fewer workers, or resampled=True"
+            f"{len(shards)} shards of unknown size cannot be split over {slots} worker slots (world_size="
+            f"{world_size} x num_workers={max(num_workers, 1)}): add a sizes.json next to them, use more shards, "
+            "fewer workers, or resampled=True"
         )
     streams = WorkerStreams(
         shards, preprocess, tokenizer, batch_size=batch_size, num_workers=num_workers, seed=seed, rank=rank,
         world_size=world_size, resampled=resampled, shuffle_buffer=shuffle_buffer, max_pixels=max_pixels,
-        caption_max_chars=caption_max_chars,
+        caption_max_chars=caption_max_chars, sizes=known, stall_samples=stall_samples,
     )
     return TrainLoader(
         streams, num_workers=num_workers, world_size=world_size, position=position,

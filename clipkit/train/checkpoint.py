@@ -15,6 +15,7 @@ pickle-based file is first opened with `weights_only=True` and an explicit allow
 accelerate store, so a file carrying a malicious `__reduce__` payload is refused before anything unpickles it unsafely.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
+from clipkit.train.errors import EXIT_CHECKPOINT, UserError
+
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
@@ -31,8 +34,10 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be resumed from (missing, incomplete, unsafe, or from a run that differs)."""
+
+    exit_code = EXIT_CHECKPOINT
 
 
 def checkpoints_root(output_dir) -> Path:
@@ -94,8 +99,17 @@ def verify_pickles(path: Path) -> None:
                     f"(it holds objects outside the allowlist, possibly a code-execution payload): {e}") from e
 
 
-def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int) -> Dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it for the resume to be exact."""
+def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int, shards: List[str],
+                sizes: List[int | None] | None = None) -> Dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it for the resume to be exact.
+
+    `data` holds every setting the data position depends on, keyed by its flag: the shard list (count and a hash of
+    the file names in order, so a moved dataset directory still resumes, and their sample count, which the epoch's
+    split over workers depends on), the seed, the shuffle buffer, resampled
+    mode and its epoch size, and the image-pixel cap (it decides which samples are skipped)."""
+    names = "\n".join(os.path.basename(s.rstrip("/")) for s in shards)
+    known = sizes is not None and all(n is not None for n in sizes)
+    samples = f"{sum(sizes):,} samples" if known else "unknown sample count"
     return {
         "model_cfg": model_cfg,
         "loss": cfg.loss,
@@ -104,19 +118,32 @@ def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int) -> Dict[str, An
         "world_size": world_size,
         "workers": cfg.workers,
         "resampled": cfg.resampled,
+        "data": {
+            "--train-data": f"{len(shards)} shards ({samples}), names sha256 "
+                            f"{hashlib.sha256(names.encode()).hexdigest()[:16]}",
+            "--seed": cfg.seed,
+            "--shuffle-buffer": cfg.shuffle_buffer,
+            "--train-num-samples": cfg.train_num_samples if cfg.resampled else None,
+            "--max-image-pixels": cfg.max_image_pixels,
+        },
     }
 
 
 def _differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            if key == "model_cfg":
-                diffs.append("model config differs (checkpoint: "
-                             f"{json.dumps(saved.get(key), sort_keys=True)[:300]}, this run: "
-                             f"{json.dumps(current.get(key), sort_keys=True)[:300]})")
-            else:
-                diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+        if saved.get(key) == current.get(key):
+            continue
+        if key == "model_cfg":
+            diffs.append("model config differs (checkpoint: "
+                         f"{json.dumps(saved.get(key), sort_keys=True)[:300]}, this run: "
+                         f"{json.dumps(current.get(key), sort_keys=True)[:300]})")
+        elif key == "data" and isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
+            a, b = saved[key], current[key]
+            diffs += [f"{flag}: checkpoint has {a.get(flag)!r}, this run has {b.get(flag)!r}"
+                      for flag in sorted(set(a) | set(b)) if a.get(flag) != b.get(flag)]
+        else:
+            diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
     return diffs
 
 
@@ -146,8 +173,13 @@ def resolve_resume(resume: str | None, output_dir) -> Path | None:
 
 
 def read_state(path: Path, expected_fingerprint: Dict[str, Any]) -> Dict[str, Any]:
-    with open(Path(path) / STATE_FILE, encoding="utf-8") as f:
-        state = json.load(f)
+    try:
+        with open(Path(path) / STATE_FILE, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot resume from {path}: {STATE_FILE} is unreadable ({e})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot resume from {path}: {STATE_FILE} is not a JSON object")
     diffs = _differences(state.get("fingerprint", {}), expected_fingerprint)
     if diffs:
         raise CheckpointError(f"cannot resume exactly from {path}: " + "; ".join(diffs))

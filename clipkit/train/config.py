@@ -7,11 +7,14 @@ Precedence: dataclass default < `--config FILE.yaml` < command-line flags. The r
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, get_args, get_origin
 
 import yaml
+
+from clipkit.train.errors import ConfigError
 
 
 def _f(default, help: str, **kw):
@@ -23,7 +26,13 @@ class TrainConfig:
     # model
     model: str = _f("clipkit-tiny", "registered open_clip/clipkit model config name, or a path to a JSON model config")
     hf_text_model: str | None = _f(None, "local Hugging Face model dir used as the text tower (e.g. all-MiniLM-L6-v2)")
-    lock_text: bool = _f(False, "LiT: freeze the text tower, train the image tower and projections")
+    lock_text: bool = _f(False, "freeze the text tower (its projection stays trainable): for a pretrained text tower "
+                                "such as --hf-text-model; the reverse of LiT, which locks the image tower")
+    lock_image: bool = _f(False, "LiT (Zhai et al. 2022): freeze the image tower (open_clip's lock_image_tower), train "
+                                 "the text tower; use with --pretrained weights or a pretrained timm tower")
+    lock_image_unlocked_groups: int = _f(0, "with --lock-image: leave this many last layer groups of the image tower "
+                                            "trainable")
+    lock_image_freeze_bn_stats: bool = _f(False, "with --lock-image: also freeze BatchNorm running statistics")
     pretrained: str | None = _f(None, "initial CLIP weights (safetensors / weights-only torch file)")
     # data
     train_data: str | None = _f(None, "WebDataset shard spec: brace-expanded paths/URLs, several joined with '::'")
@@ -31,7 +40,10 @@ class TrainConfig:
     resampled: bool = _f(False, "sample shards with replacement (no epochs over the data) instead of epoch mode")
     shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker (0 = off)")
     workers: int = _f(2, "data loader worker processes per training process")
-    max_skip_rate: float = _f(0.1, "stop the run when more than this fraction of samples is skipped as bad")
+    max_skip_rate: float = _f(0.1, "stop the run when more than this fraction of samples is skipped as bad (checked "
+                                   "once --skip-rate-min-samples samples were read, over all ranks)")
+    skip_rate_min_samples: int = _f(200, "samples to read (all ranks) before --max-skip-rate is applied: a few bad "
+                                         "samples at the very start should not stop a run")
     max_image_pixels: int = _f(8192 * 8192, "reject images whose header claims more pixels (decompression bombs)")
     allow_unsafe_urls: bool = _f(False, "allow 'pipe:' and other non-file/http shard URL schemes")
     # optimisation
@@ -51,6 +63,13 @@ class TrainConfig:
     loss_chunk_size: int | None = _f(None, "memory-efficient InfoNCE: logits computed in row chunks of this size")
     precision: str = _f("fp32", "fp32 or bf16 (mixed precision via DeepSpeed/accelerate)", choices=("fp32", "bf16"))
     seed: int = _f(0, "random seed (model init, data order)")
+    threads: int | None = _f(None, "intra-op CPU threads per process (default: OMP_NUM_THREADS if you set it, else "
+                                   "the node's physical cores / processes on the node)")
+    compile: bool = _f(False, "torch.compile each tower (regional: one compiled transformer block, reused)")
+    grad_checkpointing: bool = _f(False, "recompute activations in backward (open_clip's set_grad_checkpointing): less "
+                                         "memory for large per-GPU batches, ~30%% more compute")
+    peak_tflops: float | None = _f(None, "peak dense TFLOP/s of one device for the mfu column of metrics.jsonl "
+                                         "(default: a table of known GPUs; none on CPU)")
     max_nonfinite_steps: int = _f(5, "stop after this many consecutive steps skipped for a non-finite loss")
     # output
     output_dir: str = _f("runs/clipkit", "run directory: metrics.jsonl, TensorBoard events, checkpoints, final/")
@@ -61,6 +80,7 @@ class TrainConfig:
     tensorboard: bool = _f(True, "write TensorBoard events to OUTPUT/tensorboard")
     progress: bool = _f(True, "show a progress bar on rank 0")
     report: bool = _f(True, "write RUN/report.html at the end of the run")
+    debug: bool = _f(False, "print the traceback of a user error too (or set CLIPKIT_DEBUG=1)")
     # eval during training
     zeroshot_data: str | None = _f(None, "dataset spec for zero-shot eval during training (see eval/zeroshot.py)")
     zeroshot_every: int = _f(0, "run zero-shot eval every N steps (0 = only at the end, if zeroshot_data is set)")
@@ -68,23 +88,51 @@ class TrainConfig:
     zeroshot_max_samples: int | None = _f(None, "cap the zero-shot eval set (None = all)")
 
     def validate(self) -> "TrainConfig":
+        """Checks every value on its own (no files are read: see clipkit.train.preflight); raises ConfigError."""
         if not self.train_data:
-            raise ValueError("--train-data is required (WebDataset shards, e.g. 'shards/{00000..00009}.tar')")
-        for name in ("batch_size", "grad_accum", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.keep_last < 2:
-            raise ValueError(f"--keep-last must be >= 2 (the newest checkpoint may be mid-write), got {self.keep_last}")
+            raise ConfigError("--train-data is required (WebDataset shards, e.g. 'shards/{00000..00009}.tar')")
+        at_least = {"batch_size": 1, "grad_accum": 1, "steps": 1, "keep_last": 2, "log_every": 1, "warmup": 0,
+                    "workers": 0, "save_every": 0, "shuffle_buffer": 0, "zeroshot_every": 0, "max_nonfinite_steps": 1,
+                    "skip_rate_min_samples": 0, "max_image_pixels": 1, "lock_image_unlocked_groups": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                extra = " (the newest checkpoint may be mid-write)" if name == "keep_last" else ""
+                raise ConfigError(f"{_flag(name)} must be >= {low}{extra}, got {getattr(self, name)}")
+        for name in ("train_num_samples", "loss_chunk_size", "threads", "zeroshot_max_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{_flag(name)} must be a finite number > 0, got {getattr(self, name)}")
+        if not (self.wd >= 0 and math.isfinite(self.wd)):
+            raise ConfigError(f"--wd must be >= 0, got {self.wd}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise ConfigError(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ConfigError(f"--stop-at must be in [1, --steps={self.steps}], got {self.stop_at}")
         if self.loss not in ("clip", "siglip"):
-            raise ValueError(f"--loss must be clip or siglip, got {self.loss!r}")
+            raise ConfigError(f"--loss must be clip or siglip, got {self.loss!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if not 0.0 <= self.max_skip_rate <= 1.0:
-            raise ValueError(f"--max-skip-rate must be in [0, 1], got {self.max_skip_rate}")
+            raise ConfigError(f"--max-skip-rate must be in [0, 1], got {self.max_skip_rate}")
+        if self.lock_image and self.lock_text:
+            raise ConfigError("--lock-image and --lock-text together leave only the projections to train: pick one")
+        if self.zeroshot_every and not self.zeroshot_data:
+            raise ConfigError("--zeroshot-every needs --zeroshot-data (a dataset spec, see eval/zeroshot.py)")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _field_type(f: dataclasses.Field):
@@ -120,20 +168,48 @@ def parse_config(argv: List[str] | None = None) -> TrainConfig:
     if config_path:
         values.update(load_yaml(config_path))
     values.update(args)
-    return TrainConfig(**values).validate()
+    try:
+        return TrainConfig(**values).validate()
+    except TypeError as e:  # a YAML value of the wrong type that the dataclass cannot hold
+        raise ConfigError(f"--config {config_path}: {e}") from e
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    """Settings from a YAML mapping (safe_load only); parse errors name the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown settings {unknown}")
-    return data
+        raise ConfigError(f"{path}: unknown settings {unknown}")
+    types = {f.name: _field_type(f) for f in dataclasses.fields(TrainConfig)}
+    return {name: _typed(path, name, value, types[name]) for name, value in data.items()}
+
+
+def _typed(path: str, name: str, value: Any, want: type) -> Any:
+    """A YAML value as the field's type (YAML has no argparse type check); ConfigError naming the setting."""
+    if value is None or isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if want is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{path}: {name} must be {want.__name__}, got {value!r}")
 
 
 def save_yaml(cfg: TrainConfig, path: Path, extra: Dict[str, Any] | None = None) -> None:
