@@ -47,7 +47,6 @@ from clipkit.losses.infonce_chunked import (
 RECOMMENDED_CHUNK_SIZE = 1024
 
 
-
 def duplicate_caption_mask(row_ids: torch.Tensor, col_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """[B, N] bool, True where column j is a duplicate of row i's positive: same caption id, not the positive.
 
@@ -67,8 +66,9 @@ def _caption_negative_logits(image: torch.Tensor, text_negatives: torch.Tensor, 
     return torch.bmm(text_negatives, scaled[:, :, None]).squeeze(2).to(_stats_dtype(image.dtype))
 
 
-def _negatives_plain(rows, cols, queue, extra_logits, scale, row_ids, col_ids, queue_ids, offset, beta):
+def _negatives_plain(rows, cols, queue, extra_logits, logit_scale, row_ids, col_ids, queue_ids, offset, beta):
     """One direction of `_NegativesTiled`'s loss (same inputs and math), with the whole [B, N + K + M] logits."""
+    scale = logit_scale.reshape(())
     logits, ids = _logits(rows, cols, scale), col_ids
     if queue is not None:
         logits = torch.cat([logits, _logits(rows, queue, scale)], dim=1)
@@ -180,9 +180,8 @@ class ContrastiveLoss(nn.Module):
         # Autocast off: the chunked Functions pick their own precision (matmuls in the feature dtype, statistics in
         # >= float32), and the plain path must match it.
         with torch.autocast(device_type=image.device.type, enabled=False):
-            if self.hard_negative_beta or caption_ids is not None or text_negatives is not None or (
-                image_queue is not None or text_queue is not None
-            ):
+            extras = (image_queue, text_queue, text_negatives, caption_ids)
+            if self.hard_negative_beta or any(x is not None for x in extras):
                 negatives = None if text_negatives is None else text_negatives.to(dtype)
                 return self._with_negatives(
                     image, text, logit_scale, rank, image_queue, text_queue, negatives, caption_ids, queue_caption_ids
@@ -211,24 +210,21 @@ class ContrastiveLoss(nn.Module):
         all_image, all_text = gather_features(image), gather_features(text)
         all_ids = None if caption_ids is None else gather_detached(caption_ids)
         queue_ids = None if caption_ids is None else queue_caption_ids
-        offset, scale, beta = rank * image.shape[0], logit_scale.reshape(()), self.hard_negative_beta
-        extra = None if text_negatives is None else _caption_negative_logits(image, text_negatives, scale)
+        offset, beta = rank * image.shape[0], self.hard_negative_beta
+        extra = None
+        if text_negatives is not None:
+            extra = _caption_negative_logits(image, text_negatives, logit_scale.reshape(()))
         directions = (
             (image, all_text, text_queue, extra),  # image->text: batch texts, text queue, caption negatives
             (text, all_image, image_queue, None),  # text->image: batch images, image queue
         )
         losses = []
         for rows, cols, queue, extra_logits in directions:
+            args = (rows, cols, queue, extra_logits, logit_scale, caption_ids, all_ids, queue_ids, offset)
             if self.chunk_size is None:
-                losses.append(
-                    _negatives_plain(rows, cols, queue, extra_logits, scale, caption_ids, all_ids, queue_ids, offset,
-                                     beta)  # fmt: skip
-                )
+                losses.append(_negatives_plain(*args, beta))
             else:
-                losses.append(
-                    _NegativesTiled.apply(rows, cols, queue, extra_logits, logit_scale, caption_ids, all_ids,
-                                          queue_ids, offset, self.chunk_size, beta)  # fmt: skip
-                )
+                losses.append(_NegativesTiled.apply(*args, self.chunk_size, beta))
         return 0.5 * (losses[0] + losses[1])
 
     def _single_process(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
