@@ -11,6 +11,7 @@ import math
 import sys
 from typing import List
 
+from clipkit.data_prep import huge
 from clipkit.data_prep.config import ConfigError, ShardConfig
 from clipkit.data_prep.fetch import DEFAULT_DISALLOWED_DIRECTIVES, DEFAULT_USER_AGENT
 from clipkit.data_prep.process import FORMATS, RESIZE_MODES
@@ -46,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--quality", type=int, default=95, help="jpg/webp encoder quality")
     img.add_argument("--min-size", type=int, default=0, help="reject images whose smaller side is below this")
     img.add_argument("--max-aspect-ratio", type=float, default=math.inf, help="reject wider/taller images")
-    img.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images (header)")
+    img.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="decode in memory up to this many pixels (header); larger ones are streamed (below)")
+    img.add_argument("--stream-max-pixels", type=int, default=huge.DEFAULT_MAX_PIXELS,
+                     help="above --max-pixels, decode in bounded memory with libvips up to this (0: refuse them)")
+    img.add_argument("--stream-min-bytes-per-pixel", type=float, default=huge.DEFAULT_MIN_BYTES_PER_PIXEL,
+                     help="above --max-pixels, a file with fewer bytes per pixel is a decompression bomb: refused")
+    img.add_argument("--stream-time-budget", type=float, default=huge.DEFAULT_TIME_BUDGET_S,
+                     help="seconds one streamed decode may take")
+    img.add_argument("--stream-slots", type=int, default=2, help="streamed decodes at once per process")
     img.add_argument("--dedup", action="store_true", help="drop exact duplicate images (sha256), first one wins")
     img.add_argument("--extract-exif", action="store_true",
                      help="store the source EXIF (IFD0 + Exif IFD; no GPS, no binary tags) as a JSON string in 'exif'")
@@ -99,6 +108,10 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         min_size=args.min_size,
         max_aspect_ratio=args.max_aspect_ratio,
         max_pixels=args.max_pixels,
+        stream_max_pixels=args.stream_max_pixels,
+        stream_min_bytes_per_pixel=args.stream_min_bytes_per_pixel,
+        stream_time_budget_s=args.stream_time_budget,
+        stream_slots=args.stream_slots,
         dedup=args.dedup,
         extract_exif=args.extract_exif,
         max_caption_length=args.max_caption_length,

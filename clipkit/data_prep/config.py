@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List
 
+from clipkit.data_prep import huge
 from clipkit.data_prep.fetch import DEFAULT_DISALLOWED_DIRECTIVES, DEFAULT_USER_AGENT, FetchOptions
 from clipkit.data_prep.process import FORMATS, RESIZE_MODES, ImageOptions
 from clipkit.images import DEFAULT_MAX_PIXELS
@@ -47,7 +48,11 @@ class ShardConfig:
     quality: int = 95  # jpg/webp quality
     min_size: int = 0  # reject images whose smaller side is below this
     max_aspect_ratio: float = math.inf  # reject images with larger side / smaller side above this
-    max_pixels: int = DEFAULT_MAX_PIXELS  # reject images with more pixels (checked from the header)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decode in memory up to this many pixels (checked from the header)
+    stream_max_pixels: int = huge.DEFAULT_MAX_PIXELS  # above max_pixels: streamed decoding up to this (0: refuse)
+    stream_min_bytes_per_pixel: float = huge.DEFAULT_MIN_BYTES_PER_PIXEL  # above max_pixels, fewer: a bomb
+    stream_time_budget_s: float = huge.DEFAULT_TIME_BUDGET_S  # wall-clock limit of one streamed decode
+    stream_slots: int = 2  # streamed decodes at once per process (each holds ~100-200 MB)
     extract_exif: bool = False  # source EXIF (no GPS) into each sample's json and the parquet, as a JSON string
     dedup: bool = False  # drop exact duplicate images (sha256 of the source bytes); first occurrence wins
     max_caption_length: int = 1000  # characters kept after cleaning
@@ -71,6 +76,10 @@ class ShardConfig:
             raise ConfigError(f"--resize-mode must be one of {RESIZE_MODES}")
         if self.format not in FORMATS:
             raise ConfigError(f"--format must be one of {tuple(FORMATS)}")
+        if self.stream_max_pixels < 0 or self.stream_min_bytes_per_pixel < 0 or self.stream_time_budget_s <= 0 \
+                or self.stream_slots < 1:
+            raise ConfigError("--stream-max-pixels and --stream-min-bytes-per-pixel must be >= 0, "
+                              "--stream-time-budget and --stream-slots positive")
         if self.image_size <= 0 or self.samples_per_shard <= 0 or self.threads <= 0 or self.workers < 0:
             raise ConfigError("--image-size, --samples-per-shard and --threads must be positive, --workers >= 0")
         if not 0 <= self.quality <= 100:
@@ -106,6 +115,9 @@ class ShardConfig:
             max_aspect_ratio=self.max_aspect_ratio,
             max_pixels=self.max_pixels,
             extract_exif=self.extract_exif,
+            stream_max_pixels=self.stream_max_pixels,
+            stream_min_bytes_per_pixel=self.stream_min_bytes_per_pixel,
+            stream_time_budget_s=self.stream_time_budget_s,
         )
 
     def fetch_options(self) -> FetchOptions:
@@ -122,7 +134,8 @@ class ShardConfig:
         """Settings that change shard contents (a changed one means complete shards are redone, not skipped)."""
         names = (
             "url_col path_col caption_col extra_cols samples_per_shard image_size resize_mode resize_only_if_bigger "
-            "format quality min_size max_aspect_ratio max_pixels extract_exif dedup max_caption_length "
+            "format quality min_size max_aspect_ratio max_pixels stream_max_pixels stream_min_bytes_per_pixel "
+            "extract_exif dedup max_caption_length "
             "keep_empty_captions max_bytes user_agent allow_private_network"
         ).split()
         settings = {n: getattr(self, n) for n in names}

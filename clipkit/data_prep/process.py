@@ -7,16 +7,21 @@ Speed without losing safety:
 - downscaling is area averaging (BOX, like img2dataset's INTER_AREA) with PIL's `reducing_gap`, and a center crop
   resizes only the crop box;
 - an image already in the output format and size is copied byte for byte; it is still decoded (at 1/8 scale for a
-  JPEG) so a truncated file is not copied.
+  JPEG) so a truncated file is not copied;
+- an image above `max_pixels` that is no decompression bomb (bytes per pixel, a pixel cap, a time budget) is decoded
+  by libvips in bounded memory, shrinking while it streams (clipkit/data_prep/huge.py), instead of being dropped.
 """
 
+import dataclasses
 import io
 import math
+import threading
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 from PIL import ExifTags, Image, ImageOps
 
+from clipkit.data_prep import huge
 from clipkit.images import DEFAULT_MAX_PIXELS, ImageRejected, probe_image, to_rgb
 
 RESIZE_MODES = ("no", "center_crop", "keep_ratio", "keep_ratio_largest", "border")
@@ -39,8 +44,14 @@ class ImageOptions:
     quality: int = 95
     min_size: int = 0
     max_aspect_ratio: float = math.inf
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # decoded by PIL in memory up to this; above, streamed (huge.py)
     extract_exif: bool = False
+    stream_max_pixels: int = huge.DEFAULT_MAX_PIXELS  # streamed decoding up to this; 0: refuse above max_pixels
+    stream_min_bytes_per_pixel: float = huge.DEFAULT_MIN_BYTES_PER_PIXEL  # fewer: a decompression bomb
+    stream_time_budget_s: float = huge.DEFAULT_TIME_BUDGET_S  # wall-clock limit of one streamed decode
+
+    def stream_limits(self) -> huge.StreamLimits:
+        return huge.StreamLimits(self.stream_max_pixels, self.stream_min_bytes_per_pixel, self.stream_time_budget_s)
 
 
 @dataclass
@@ -92,9 +103,16 @@ def _orientation(img: Image.Image) -> int:
 
 def exif_tags(img: Image.Image) -> Dict[str, str]:
     """The source image's EXIF as {"Image Make": "Canon", "EXIF ExposureTime": "0.01", ...} (see EXIF_MAX_TAGS)."""
-    out: Dict[str, str] = {}
     try:
         exif = img.getexif()
+    except Exception:  # a broken EXIF block must not reject an image that decodes fine
+        return {}
+    return _exif_dict(exif)
+
+
+def _exif_dict(exif: Image.Exif) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    try:
         for prefix, ifd in (("Image", exif), ("EXIF", exif.get_ifd(0x8769))):
             for tag, value in ifd.items():
                 if tag in _EXIF_POINTERS or isinstance(value, bytes):
@@ -120,9 +138,19 @@ def _load(img: Image.Image) -> Image.Image:
     return img
 
 
-def process_image(data: bytes, options: ImageOptions) -> ProcessedImage:
-    """Checks, decodes, orients, composites on white, resizes and encodes; raises ImageRejected."""
-    img, (width, height) = probe_image(data)
+def process_image(data: bytes, options: ImageOptions, huge_slots: threading.Semaphore | None = None
+                  ) -> ProcessedImage:
+    """Checks, decodes, orients, composites on white, resizes and encodes; raises ImageRejected.
+
+    Images above options.max_pixels take the streamed path (`huge_slots` bounds how many at a time)."""
+    try:
+        img, (width, height) = probe_image(data)
+    except ImageRejected as e:  # PIL's own bomb check (> 89 Mpx) fires before the size is known
+        if e.reason == "too_many_pixels" and options.stream_max_pixels:
+            return _process_huge(data, options, huge_slots)
+        raise
+    if options.max_pixels is not None and width * height > options.max_pixels and options.stream_max_pixels:
+        return _process_huge(data, options, huge_slots)
     check_header(width, height, options)
     orientation = _orientation(img)
     exif = exif_tags(img) if options.extract_exif else None
@@ -144,6 +172,11 @@ def process_image(data: bytes, options: ImageOptions) -> ProcessedImage:
         img = ImageOps.exif_transpose(img)
     img = to_rgb(img)
     img = _resize(img, upright, out_size, padded, options)
+    return _encode(img, upright, exif, options)
+
+
+def _encode(img: Image.Image, upright: Tuple[int, int], exif, options: ImageOptions) -> ProcessedImage:
+    out_format = FORMATS[options.format]
     buffer = io.BytesIO()
     if out_format == "JPEG":
         img.save(buffer, "JPEG", quality=options.quality)
@@ -183,3 +216,29 @@ def _resample(img: Image.Image, size: Tuple[int, int], box=None) -> Image.Image:
         # large. Half the CPU of an antialiased bicubic at the same output quality for photos.
         return img.resize(size, Image.Resampling.BOX, box=box, reducing_gap=3.0)
     return img.resize(size, Image.Resampling.LANCZOS, box=box)  # upscale: lanczos, as img2dataset
+
+
+def _process_huge(data: bytes, options: ImageOptions, slots: threading.Semaphore | None) -> ProcessedImage:
+    """An image above max_pixels: refused from the header when it looks like a bomb, else streamed through libvips
+    down to twice the output scale, then resized and encoded like every other image."""
+    limits = options.stream_limits()
+    header = huge.read_header(data)
+    huge.check_huge(header, len(data), limits)
+    upright = huge.upright_size(header)
+    check_header(*upright, dataclasses.replace(options, max_pixels=None))  # min size, aspect ratio
+    scale, out_size, padded = output_geometry(*upright, options)
+    target = huge.intermediate_size(upright, scale)
+    if options.max_pixels is not None and target[0] * target[1] > options.max_pixels:
+        raise ImageRejected("too_many_pixels", f"{upright[0]}x{upright[1]}: --resize-mode {options.resize_mode} "
+                                               f"would keep {target[0]}x{target[1]} > {options.max_pixels} pixels")
+    img = huge.decode_huge(data, header, target, limits, slots)
+    exif = None
+    if options.extract_exif:
+        exif_block = Image.Exif()
+        if header.exif:
+            try:
+                exif_block.load(header.exif)
+            except Exception:  # a broken EXIF block must not reject an image that decodes fine
+                pass
+        exif = _exif_dict(exif_block)
+    return _encode(_resize(img, upright, out_size, padded, options), upright, exif, options)

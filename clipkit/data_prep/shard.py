@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,7 @@ class _RowWorker:
         self.config = config
         self.image_options = image_options
         self.fetcher = None if config.local else HttpFetcher(config.fetch_options())
+        self.huge_slots = threading.BoundedSemaphore(config.stream_slots)  # streamed decodes of huge images at once
 
     def __call__(self, row: Dict[str, Any]) -> Dict[str, Any]:
         record: Dict[str, Any] = {"status": SUCCESS, "image": None}
@@ -89,7 +91,7 @@ class _RowWorker:
         record["original_bytes"] = len(data)
         record["sha256"] = hashlib.sha256(data).hexdigest()
         try:
-            image: ProcessedImage = process_image(data, self.image_options)
+            image: ProcessedImage = process_image(data, self.image_options, self.huge_slots)
         except ImageRejected as e:
             return self._fail(record, "failed_image", e.reason, str(e))
         except Exception as e:  # a decoder bug on one hostile file must not take the shard down
