@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipkit.losses import ContrastiveLoss, duplicate_caption_mask
+from clipkit.losses import ContrastiveLoss, caption_ids_from_tokens, duplicate_caption_mask
 from tests._two_ranks import WORLD, run_on_two_ranks
 from tests.test_losses import _LargestAllocation
 
@@ -261,6 +261,16 @@ def test_bad_values_are_refused():
         ContrastiveLoss()(
             image, text, scale, text_queue=p["text_queue"], caption_ids=p["ids"][:4], queue_caption_ids=p["ids"]
         )
+
+
+def test_caption_ids_from_tokens_are_equal_exactly_for_equal_token_rows():
+    tokens = torch.tensor([[49406, 320, 1746, 49407, 0], [49406, 320, 2368, 49407, 0], [49406, 320, 1746, 49407, 0]])
+    ids = caption_ids_from_tokens(tokens)
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] and ids[0] != ids[1]
+    assert torch.equal(caption_ids_from_tokens(tokens.int()), ids)  # the same for int32 token ids
+    assert caption_ids_from_tokens(torch.arange(20000).reshape(5000, 4)).unique().numel() == 5000
+    with pytest.raises(ValueError, match=r"tokens must be \[B, L\] integer"):
+        caption_ids_from_tokens(torch.zeros(3, 2))
 
 
 def test_empty_queue_and_zero_negatives_are_the_plain_loss():

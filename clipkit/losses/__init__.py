@@ -2,7 +2,7 @@
 
 - infonce: symmetric InfoNCE (CLIP), plain and chunked, with hard-negative weighting (HN-NCE), queue columns,
   per-row caption-negative columns and duplicate-caption masking (`ContrastiveLoss`, `RECOMMENDED_CHUNK_SIZE`,
-  `duplicate_caption_mask`); the chunked kernels live in infonce_chunked.
+  `duplicate_caption_mask`, `caption_ids_from_tokens`); the chunked kernels live in infonce_chunked.
 - siglip: SigLIP's sigmoid loss (`SigLipLoss`).
 - queue: the FIFO image/text feature queue of MoCo / ALBEF (`FeatureQueue`).
 - distill: ALBEF's momentum distillation (`itc_distillation_loss`, `momentum_distillation_loss`,
@@ -17,7 +17,12 @@ from __future__ import annotations
 from torch import nn
 
 from clipkit.losses.distill import distillation_targets, itc_distillation_loss, momentum_distillation_loss
-from clipkit.losses.infonce import RECOMMENDED_CHUNK_SIZE, ContrastiveLoss, duplicate_caption_mask
+from clipkit.losses.infonce import (
+    RECOMMENDED_CHUNK_SIZE,
+    ContrastiveLoss,
+    caption_ids_from_tokens,
+    duplicate_caption_mask,
+)
 from clipkit.losses.queue import FeatureQueue
 from clipkit.losses.siglip import SigLipLoss
 from clipkit.losses.ssl import NTXentLoss, SimCLRHead
@@ -31,6 +36,7 @@ __all__ = [
     "SigLipLoss",
     "SimCLRHead",
     "build_loss",
+    "caption_ids_from_tokens",
     "distillation_targets",
     "duplicate_caption_mask",
     "itc_distillation_loss",

@@ -26,6 +26,7 @@ Beyond the in-batch loss (issue 11), each optional and combinable, plain and chu
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -45,6 +46,20 @@ from clipkit.losses.infonce_chunked import (
 # open_clip's extra memory and about half its time (16 idle cores); K=2048 was no faster and needs more. On a GPU,
 # larger K (4096-8192) is slightly faster and still a few percent of open_clip's memory.
 RECOMMENDED_CHUNK_SIZE = 1024
+
+
+def caption_ids_from_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """[B] int64 caption ids for duplicate masking: equal for rows with the same token ids, else (almost) never.
+
+    tokens: [B, L] integer token ids (any device; read on the CPU). Each row's id is an 8-byte BLAKE2b digest of its
+    int64 values, stable across processes and runs (so a queue's ids stay comparable after a resume); two different
+    captions collide with probability ~2^-64. Returns a CPU tensor.
+    """
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be [B, L] integer token ids, got {tokens.dtype} of shape {tuple(tokens.shape)}")
+    rows = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
+    digests = [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
 
 
 def duplicate_caption_mask(row_ids: torch.Tensor, col_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:

@@ -260,14 +260,16 @@ def _tiles(rows, blocks, scale, chunk_size, buffer):
     """Yields (row_start, row_stop, block index, col_start, logits [k, c]) over [K, K] tiles, rows outermost.
 
     Every tile is a contiguous view of the one flat `buffer` ([>= K*K] elements), overwritten by the next tile.
+    The logits are `_logits`' numbers; the scale is folded into the rows once, not once per tile.
     """
+    scaled_rows = (rows.to(_stats_dtype(rows.dtype)) * scale).to(rows.dtype)
     for row_start in range(0, rows.shape[0], chunk_size):
         row_stop = min(row_start + chunk_size, rows.shape[0])
         for index, (cols, _, _) in enumerate(blocks):
             for col_start in range(0, cols.shape[0], chunk_size):
                 col_stop = min(col_start + chunk_size, cols.shape[0])
                 out = buffer[: (row_stop - row_start) * (col_stop - col_start)].view(row_stop - row_start, -1)
-                logits = _logits(rows[row_start:row_stop], cols[col_start:col_stop], scale, out=out)
+                logits = _mm_stats(scaled_rows[row_start:row_stop], cols[col_start:col_stop].T, out=out)
                 yield row_start, row_stop, index, col_start, logits
 
 
@@ -315,7 +317,9 @@ class _NegativesTiled(torch.autograd.Function):
             if beta:
                 weighted = torch.mul(logits, beta, out=scratch[: logits.numel()].view_as(logits))
                 lse_b[rows_here] = torch.logaddexp(lse_b[rows_here], _lse_inplace(weighted))
-            lse_a[rows_here] = torch.logaddexp(lse_a[rows_here], _lse_inplace(logits.mul_(1.0 + beta)))
+            lse_a[rows_here] = torch.logaddexp(
+                lse_a[rows_here], _lse_inplace(logits.mul_(1.0 + beta) if beta else logits)
+            )
         count = sum(block[0].shape[0] for block in blocks) - excluded
         if extra_logits is not None:
             extra = extra_logits.detach().to(stats_dtype)
@@ -366,10 +370,12 @@ class _NegativesTiled(torch.autograd.Function):
                 last_row_start = row_start
             first, found, _ = _exclude_in_tile(logits, row_start, col_start, block_offset, row_ids, ids)
             rows_here = slice(row_start, row_stop)
-            grad_logits = torch.mul(logits, 1.0 + beta, out=scratch[: logits.numel()].view_as(logits))
-            grad_logits.sub_(shift_a[rows_here]).exp_().mul_(coef_a[rows_here])
             if beta:
+                grad_logits = torch.mul(logits, 1.0 + beta, out=scratch[: logits.numel()].view_as(logits))
+                grad_logits.sub_(shift_a[rows_here]).exp_().mul_(coef_a[rows_here])
                 grad_logits.sub_(logits.mul_(beta).sub_(shift_b[rows_here]).exp_().mul_(coef_b[rows_here]))
+            else:  # softmax - onehot, in place
+                grad_logits = logits.sub_(shift_a[rows_here]).exp_().mul_(coef_a[rows_here])
             if found is not None:
                 shift = row_start + block_offset - col_start
                 grad_logits[first : first + found.shape[0], first + shift :].diagonal().copy_(
