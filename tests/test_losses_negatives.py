@@ -119,6 +119,21 @@ def _assert_close(actual: dict, expected: dict, factor: float = 1.0, keys=("loss
 # ---------------------------------------------------------------------------------------------------------- 1 process
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_float64_on_cuda_matches_the_reference(chunk_size):
+    p = _problem()
+    ref_leaves = _leaves(p)
+    expected = _loss_and_grads(_reference_loss(p, ref_leaves, 0.5, OPTIONS["all"]), ref_leaves)
+    p = {k: v.cuda() for k, v in p.items()}
+    our_leaves = _leaves(p)
+    actual = _loss_and_grads(_ours(ContrastiveLoss(chunk_size, 0.5), our_leaves, p, OPTIONS["all"]), our_leaves)
+    _assert_close(
+        {k: v.cpu() for k, v in actual.items()}, expected, keys=("loss", "image", "text", "negatives", "scale")
+    )
+
+
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
 @pytest.mark.parametrize("chunk_size", [None, 4, 7, 64])  # 26 rows, 26 + 37 columns: ragged tiles; 64 > both
@@ -202,9 +217,15 @@ def test_caption_negatives_are_extra_image_to_text_columns_only(chunk_size):
     _assert_close(actual, expected, keys=("loss", "image", "text", "negatives", "scale"))
 
 
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # CUDA: bf16 tiles use the float32-output (out_dtype) matmul
 @pytest.mark.parametrize("chunk_size", [None, 32])
-def test_bf16_features_with_every_option_match_float64_of_the_same_values(chunk_size):
-    p = _problem(seed=6, batch=128)
+def test_bf16_features_with_every_option_match_float64_of_the_same_values(chunk_size, device):
+    p = {k: v.to(device) for k, v in _problem(seed=6, batch=128).items()}
     low = {k: (v.bfloat16() if v.is_floating_point() and k != "scale" else v) for k, v in p.items()}
     high = {k: (v.double() if v.is_floating_point() else v) for k, v in low.items()}
     ref_leaves, our_leaves = _leaves(high), _leaves(low)
