@@ -101,6 +101,7 @@ def itc_distillation_loss(
     positives = torch.arange(offset, offset + batch, device=image_features.device)
     exclude = None
     if caption_ids is not None:
+        caption_ids = caption_ids.to(image_features.device)
         col_ids = gather_detached(caption_ids)
         if image_queue is not None:
             col_ids = torch.cat([col_ids, queue_caption_ids.to(col_ids.device)])

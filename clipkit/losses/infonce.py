@@ -191,6 +191,9 @@ class ContrastiveLoss(nn.Module):
         if text_negatives is not None and text_negatives.shape[1] == 0:
             text_negatives = None
         self._check_ids(batch, caption_ids, queue_caption_ids, image_queue, text_queue)
+        caption_ids, queue_caption_ids = (
+            None if x is None else x.to(image.device) for x in (caption_ids, queue_caption_ids)
+        )
         rank, world = rank_world()
         # Autocast off: the chunked Functions pick their own precision (matmuls in the feature dtype, statistics in
         # >= float32), and the plain path must match it.
