@@ -167,6 +167,8 @@ def clamp_param_(param: torch.nn.Parameter, low: float, high: float) -> None:
     with torch.no_grad():
         if hasattr(param, "ds_id"):  # ZeRO-3: the module parameter is a partition; so is the master
             param.ds_tensor.clamp_(low, high)
+            if param.data.numel():  # gathered right now (small parameters stay gathered: ZeRO-3 "persistence")
+                param.data.clamp_(low, high)
             from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
             local = safe_get_local_fp32_param(param)

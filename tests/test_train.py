@@ -242,19 +242,24 @@ def test_two_process_zero_trains_clamps_and_exports(shards, hot_start, tmp_path,
 
 
 def test_exact_resume_with_grad_accum_and_a_worker_ended_mid_epoch(tmp_path):
-    """Shards of 64, 64, 64 and 32 samples, 2 workers, batch 12 x grad-accum 2: one worker runs out (its end record
-    is consumed) while the other still has batches. A checkpoint taken right then resumes exactly."""
+    """Shards of 48 and 24 good samples and one of 24 captions without images: the epoch's 96 samples split 48/48
+    over 2 workers, one share with 48 good samples (4 batches of 12), the other with 24 (2 batches). Batch 12 x
+    grad-accum 2: at the end of each epoch's 3rd step the short worker has ended (its end record is consumed) while
+    the other has not. A checkpoint taken right then resumes exactly."""
+    from tests.reliability._helpers import write_tar
+
     d = tmp_path / "shards"
-    write_train_shards(d, n=3 * 64 + 32, per_shard=64, seed=1, size=32)
-    spec = f"{d}/{{00000..00003}}.tar"
+    write_train_shards(d, n=72, per_shard=48, seed=1, size=32)
+    write_tar(d / "00002.tar", [(f"9{i:05d}.txt", b"a caption without an image") for i in range(24)])
+    spec = f"{d}/{{00000..00002}}.tar"
     args = lambda out, *extra: ["--model", "clipkit-tiny", "--train-data", spec, "--batch-size", "12", "--grad-accum",
                                 "2", "--steps", "12", "--lr", "1e-3", "--warmup", "3", "--shuffle-buffer", "16",
-                                "--workers", "2", "--output-dir", str(out), *extra]
+                                "--workers", "2", "--max-skip-rate", "0.5", "--output-dir", str(out), *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(args(straight))
     run_train(args(resumed, "--stop-at", "9", "--save-every", "9"))
     state = json.loads((resumed / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
-    assert state["epoch_steps"] == 9 and len(state["position"]["ended"]) == 1, state  # one worker done, one not
+    assert state["epoch_steps"] == 3 and len(state["position"]["ended"]) == 1, state  # one worker done, one not
     run_train(args(resumed, "--resume", "auto"))
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 13))
