@@ -1,15 +1,14 @@
-"""Linear probe: multinomial logistic regression on frozen image features, on CPU.
+"""Linear probe: multinomial logistic regression on frozen image features (scikit-learn, on CPU).
 
-Features are standardised with the training set's mean and std. The weight decay (L2 on the weights, as sklearn's
+Features are standardised with the training set's mean and std. The weight decay (L2 on the weights: scikit-learn's
 C = 1 / (wd * N)) is chosen on a held-out part of the training set, then the probe is refitted on all of it.
-Full-batch L-BFGS (torch), so the result does not depend on a learning rate or epoch count, unlike CLIP_benchmark's
-SGD probe.
+scikit-learn's L-BFGS solves the full-batch problem, so the result does not depend on a learning rate or epoch count,
+unlike CLIP_benchmark's SGD probe.
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from clipkit.eval.metrics import classification_metrics
 
@@ -18,35 +17,40 @@ DEFAULT_WD_GRID = tuple(10.0 ** e for e in range(-6, 1))
 
 @dataclass
 class LogisticRegression:
-    weight: torch.Tensor  # [D, C]
-    bias: torch.Tensor  # [C]
+    weight: torch.Tensor  # [D, C] float64
+    bias: torch.Tensor  # [C] float64 (-inf for a class absent from the training labels)
     mean: torch.Tensor  # [D] standardisation
     std: torch.Tensor  # [D]
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / self.std) @ self.weight + self.bias
+        return ((x.double() - self.mean) / self.std) @ self.weight + self.bias
 
 
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float,
                             max_iter: int = 500) -> LogisticRegression:
-    """x: [N, D] float, y: [N] int64. Minimises mean cross-entropy + wd / 2 * ||W||^2 with L-BFGS (float64)."""
+    """x: [N, D] float, y: [N] int64. Minimises mean cross-entropy + wd / 2 * ||W||^2 (scikit-learn's lbfgs,
+    float64; the bias is not decayed)."""
+    from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+
     x = x.double()
     mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-8)
-    z = (x - mean) / std
-    weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ weight + bias, y) + 0.5 * wd * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return LogisticRegression(weight.detach(), bias.detach(), mean, std)
+    z = ((x - mean) / std).numpy()
+    labels = y.numpy()
+    weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64)
+    bias = torch.full((num_classes,), float("-inf"), dtype=torch.float64)
+    present = sorted(set(labels.tolist()))
+    if len(present) == 1:  # one class only: it always wins
+        bias[present[0]] = 0.0
+        return LogisticRegression(weight, bias, mean, std)
+    fit = SkLogisticRegression(C=1.0 / (wd * len(labels)), max_iter=max_iter, tol=1e-8).fit(z, labels)
+    coef, intercept = torch.from_numpy(fit.coef_).double(), torch.from_numpy(fit.intercept_).double()
+    classes = [int(c) for c in fit.classes_]
+    if len(classes) == 2:  # scikit-learn keeps one row: the log-odds of classes[1] against classes[0]
+        weight[:, classes[1]], bias[classes[1]], bias[classes[0]] = coef[0], intercept[0], 0.0
+    else:
+        weight[:, classes] = coef.T
+        bias[classes] = intercept
+    return LogisticRegression(weight, bias, mean, std)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -63,9 +67,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
     for wd in tqdm(wd_grid, desc="wd sweep", disable=not progress, leave=False):
         probe = fit_logistic_regression(train_x[fit_idx], train_y[fit_idx], num_classes, wd, max_iter)
-        val_acc[wd] = (probe.scores(train_x[val_idx].double()).argmax(dim=1) == train_y[val_idx]).double().mean().item()
+        val_acc[wd] = (probe.scores(train_x[val_idx]).argmax(dim=1) == train_y[val_idx]).double().mean().item()
     best = max(wd_grid, key=lambda w: (val_acc[w], w))  # ties go to the stronger regulariser
     probe = fit_logistic_regression(train_x, train_y, num_classes, best, max_iter)
-    out = classification_metrics(probe.scores(test_x.double()), test_y)
+    out = classification_metrics(probe.scores(test_x), test_y)
     out.update(wd=best, val_acc1={f"{w:g}": a for w, a in val_acc.items()})
     return out

@@ -8,26 +8,34 @@ import torch
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1,)) -> Dict[int, float]:
-    """scores: [N, C], labels: [N] -> {k: fraction of rows whose label is among the k highest scores}."""
-    ks = list(ks)
-    top = scores.topk(max(ks), dim=1, largest=True, sorted=True).indices  # [N, kmax]
-    hit = top.eq(labels.view(-1, 1))
-    return {k: hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+    """scores: [N, C], labels: [N] -> {k: fraction of rows whose label is among the k highest scores}
+    (scikit-learn's top_k_accuracy_score)."""
+    from sklearn.metrics import top_k_accuracy_score
+
+    classes = list(range(scores.shape[1]))
+    s, y = scores.double().numpy(), labels.numpy()
+    return {k: float(top_k_accuracy_score(y, s, k=k, labels=classes)) if k > 1 else
+            float((s.argmax(axis=1) == y).mean()) for k in ks}
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[C, C] int64 counts: row = true class, column = predicted class."""
-    flat = labels.long() * num_classes + preds.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    """[C, C] int64 counts: row = true class, column = predicted class (scikit-learn's confusion_matrix)."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    cm = sk_confusion_matrix(labels.numpy(), preds.numpy(), labels=list(range(num_classes)))
+    return torch.from_numpy(cm).long()
 
 
-def mean_per_class_recall(cm: torch.Tensor) -> float:
-    """Mean over the classes present in the labels of (correct / count): sklearn's balanced_accuracy_score, which
-    CLIP_benchmark reports as `mean_per_class_recall`."""
-    support = cm.sum(dim=1)
-    present = support > 0
-    recall = cm.diag()[present].double() / support[present].double()
-    return recall.mean().item()
+def mean_per_class_recall(labels: torch.Tensor, preds: torch.Tensor) -> float:
+    """Mean over the classes present in the labels of (correct / count): scikit-learn's balanced_accuracy_score,
+    which CLIP_benchmark reports as `mean_per_class_recall`."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():  # one class only: its recall is still well defined
+        warnings.filterwarnings("ignore", message="A single label was found")
+        return float(balanced_accuracy_score(labels.numpy(), preds.numpy()))
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -36,11 +44,12 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict:
     num_classes = scores.shape[1]
     ks = (1, 5) if num_classes >= 5 else (1,)
     acc = topk_accuracy(scores, labels, ks)
-    cm = confusion_matrix(scores.argmax(dim=1), labels, num_classes)
+    preds = scores.argmax(dim=1)
+    cm = confusion_matrix(preds, labels, num_classes)
     out = {"acc1": acc[1]}
     if 5 in acc:
         out["acc5"] = acc[5]
-    out.update(mean_per_class_recall=mean_per_class_recall(cm), n=int(len(labels)), confusion=cm)
+    out.update(mean_per_class_recall=mean_per_class_recall(labels, preds), n=int(len(labels)), confusion=cm)
     return out
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
+from clipkit import distributed as dist
 from clipkit.train.errors import EXIT_CHECKPOINT, UserError
 
 COMPLETE = "COMPLETE"
@@ -193,18 +194,18 @@ def save(accelerator, output_dir, step: int, state: Dict[str, Any], config_yaml:
     path = checkpoint_path(output_dir, step)
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a leftover from a run that died while writing this very step
-    accelerator.wait_for_everyone()
+    dist.barrier()
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         _write_atomic(path / STATE_FILE, json.dumps(state, indent=2))
         _write_atomic(path / "config.yaml", config_yaml)
-    accelerator.wait_for_everyone()
+    dist.barrier()
     if accelerator.is_main_process:
         if before_complete is not None:
             before_complete(step)
         _write_atomic(path / COMPLETE, f"step {step}\n")
         prune(output_dir, keep_last)
-    accelerator.wait_for_everyone()
+    dist.barrier()
     return path
 
 
