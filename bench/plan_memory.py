@@ -1,0 +1,250 @@
+"""Training-step memory per rank under DeepSpeed ZeRO 0-3 on CPU, measured, next to clipkit.plan's prediction.
+
+    python bench/plan_memory.py                                   # fp32, ZeRO 0-3, 1 and 2 processes
+    python bench/plan_memory.py --precision fp32,bf16 --calibration clipkit/plan/calibration.json
+    python bench/plan_memory.py --stages 2 --worlds 2 --model clipkit-tiny      # one case, smoke
+
+Each (stage, processes, precision) runs in fresh processes under `torch.distributed.run` (gloo): the model (a 46M-
+parameter open_clip config by default, so model states dwarf the allocator's noise), clipkit's AdamW, DeepSpeed's
+engine with that stage, then two steps at batch 2 with clipkit's ContrastiveLoss. Measured per rank:
+- peak: the kernel's RSS high-water mark (/proc/self/status VmHWM, reset through /proc/self/clear_refs after the
+  engine is built) minus the RSS before the model existed; glibc is told to return freed blocks of 64 KiB and more
+  to the system (MALLOC_MMAP_THRESHOLD_), so the mark follows live memory;
+- the model states the engine holds after the step, tensor by tensor (storages counted once): parameters (or their
+  ZeRO-3 partitions), fp32 master weights, Adam's m and v.
+The transient part of a step (gradients, DeepSpeed's flat buckets and fp32 gradient partitions, ZeRO-3's gathered
+parameters) is peak - states - activations - loss, per parameter; --calibration FILE writes it (mean over ranks and
+process counts) as the planner's `zero_transient` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Wide enough that 16 bytes per parameter of model states (736 MB at stage 0) dwarf the allocator's noise.
+BENCH_MODEL = {"embed_dim": 256,
+               "vision_cfg": {"image_size": 32, "layers": 6, "width": 512, "head_width": 64, "patch_size": 16},
+               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 384, "heads": 6, "layers": 4}}
+
+
+# ---------------------------------------------------------------- measurement (inside the launched processes)
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _tally(net, optimizer) -> dict:
+    """Bytes of the model states the engine holds, by kind, each storage once."""
+    import torch
+
+    seen: dict = {}
+
+    def add(t, kind):
+        if torch.is_tensor(t) and t.untyped_storage().data_ptr() and t.untyped_storage().data_ptr() not in seen:
+            seen[t.untyped_storage().data_ptr()] = (kind, t.untyped_storage().nbytes())
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for st in inner.state.values():
+        for v in st.values():
+            add(v, "optimizer")
+    for p in net.parameters():
+        add(getattr(p, "ds_tensor", None), "parameters")  # ZeRO-3 partition (p.data is an empty placeholder)
+        add(p.data, "parameters")
+    for group in inner.param_groups:
+        for p in group["params"]:
+            add(p.data, "master_weights")
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        for t in getattr(optimizer, name, None) or []:
+            add(t, "master_weights")
+    out: dict = {}
+    for kind, n in seen.values():
+        out[kind] = out.get(kind, 0) + n
+    return out
+
+
+def zero_worker(stage: int, model: str, batch: int, precision: str) -> dict:
+    import open_clip
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    import deepspeed
+
+    from clipkit.losses import ContrastiveLoss
+    from clipkit.plan.model import registered
+    from clipkit.train.optim import build_optimizer
+
+    name, cfg = registered(model)
+    tokenizer = open_clip.get_tokenizer(name)
+    size = cfg["vision_cfg"]["image_size"]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    images, texts = torch.randn(batch, 3, size, size, dtype=dtype), tokenizer(["a red circle"] * batch)
+    loss_fn = ContrastiveLoss()
+    torch.manual_seed(0)
+    base = _rss()
+    net = open_clip.create_model(name, output_dict=True, nonscalar_logit_scale=True)
+    optimizer = build_optimizer(net, 1e-4, 0.1, (0.9, 0.98), 1e-6)
+    ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+                 "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+                 "bf16": {"enabled": precision == "bf16"}}
+    engine, optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
+    _reset_hwm()
+    for _ in range(2):
+        out = engine(images, texts)
+        engine.backward(loss_fn(out["image_features"], out["text_features"], out["logit_scale"]))
+        engine.step()
+    peak = _hwm() - base
+    result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "stage": stage, "precision": precision,
+              "batch": batch, "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                            for p in net.parameters()),
+              "peak_bytes": peak, "states": _tally(net, optimizer)}
+    dist.destroy_process_group()
+    return result
+
+
+def loss_worker(batch: int, dim: int, chunk: int, precision: str) -> dict:
+    """Extra peak RSS of ContrastiveLoss forward + backward on this rank (features created before the baseline)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    from clipkit.losses import ContrastiveLoss
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    image, text = (F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).to(dtype).requires_grad_()
+                   for _ in range(2))
+    scale = torch.tensor([2.659], requires_grad=True)
+    loss_fn = ContrastiveLoss(chunk_size=chunk or None)
+    base = _rss()
+    _reset_hwm()
+    loss_fn(image, text, scale.exp()).backward()
+    result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "peak_bytes": _hwm() - base}
+    dist.destroy_process_group()
+    return result
+
+
+# ---------------------------------------------------------------- launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, *worker_args, timeout: int = 900) -> list:
+    """Runs this file's worker in `world` fresh processes; returns each rank's result dict."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+           str(_free_port()), __file__, "--worker", json.dumps(list(worker_args))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or len(results) != world:
+        raise RuntimeError(f"worker {worker_args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-4000:]}")
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def measure_zero(model: str, stage: int, world: int, precision: str = "fp32", batch: int = 2) -> list:
+    return launch(world, "zero", stage, model, batch, precision)
+
+
+def measure_loss(batch: int, world: int, dim: int, chunk: int | None, precision: str = "fp32") -> list:
+    return launch(world, "loss", batch, dim, chunk or 0, precision)
+
+
+# ---------------------------------------------------------------- main
+def bench_model_path(directory: str) -> str:
+    path = Path(directory) / "plan-bench-46m.json"
+    path.write_text(json.dumps(BENCH_MODEL))
+    return str(path)
+
+
+def main(argv=None) -> int:
+    from clipkit.plan.calibration import load_calibration, write_section
+    from clipkit.plan.memory import model_states, rank_memory
+    from clipkit.plan.model import profile_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="open_clip config name or JSON (default: a 46M-parameter config)")
+    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--worlds", default="1,2", help="process counts")
+    p.add_argument("--precision", default="fp32", help="fp32 and/or bf16, comma-separated")
+    p.add_argument("--batch", type=int, default=2, help="per process")
+    p.add_argument("--calibration", default=None, help="write the measured transient memory into this file")
+    p.add_argument("--json-out", default=None)
+    a = p.parse_args(argv)
+    model = a.model or bench_model_path(tempfile.mkdtemp(prefix="clipkit_planmem_"))
+    calibration = load_calibration(a.calibration) if a.calibration and Path(a.calibration).is_file() else \
+        load_calibration()
+    rows, transient = [], {}
+    print("| precision | stage | processes | rank | measured peak MiB | states measured MiB | states predicted MiB | "
+          "peak predicted MiB | predicted / measured |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for precision in a.precision.split(","):
+        profile = profile_model(model, precision)
+        for stage in (int(s) for s in a.stages.split(",")):
+            for world in (int(w) for w in a.worlds.split(",")):
+                for r in measure_zero(model, stage, world, precision, a.batch):
+                    states = model_states(profile.params, profile.trainable, stage, world, precision)
+                    measured_states = sum(r["states"].values())
+                    mem = rank_memory(profile, a.batch, world, stage, {"zero_transient": {precision: {
+                        str(stage): {"bytes_per_param": 0.0}}}})
+                    rest = r["peak_bytes"] - measured_states - mem.activations - mem.loss
+                    transient.setdefault(precision, {}).setdefault(str(stage), []).append(rest / profile.params)
+                    try:
+                        predicted = rank_memory(profile, a.batch, world, stage, calibration).total
+                        ratio = f"{predicted / r['peak_bytes']:.3f}"
+                    except ValueError:
+                        predicted, ratio = float("nan"), "(no calibration)"
+                    row = {**r, "states_predicted": states, "peak_predicted": predicted}
+                    rows.append(row)
+                    print(f"| {precision} | {stage} | {world} | {r['rank']} | {r['peak_bytes'] / 2**20:.0f} | "
+                          f"{measured_states / 2**20:.0f} | {sum(states.values()) / 2**20:.0f} | "
+                          f"{predicted / 2**20:.0f} | {ratio} |", flush=True)
+    summary = {prec: {stage: {"bytes_per_param": sum(v) / len(v), "per_run": [round(x, 3) for x in v]}
+                      for stage, v in stages.items()} for prec, stages in transient.items()}
+    print(json.dumps({"model": model, "params": profile.params, "zero_transient": summary}, indent=1))
+    if a.calibration:
+        merged = dict(load_calibration(a.calibration).get("zero_transient", {})) if Path(a.calibration).is_file() \
+            else {}
+        for prec, stages in summary.items():
+            merged.setdefault(prec, {}).update(stages)
+        write_section(a.calibration, "zero_transient", {**merged, "model_params": profile.params, "batch": a.batch})
+        print(f"wrote zero_transient to {a.calibration}")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        kind, *args = json.loads(sys.argv[2])
+        out = zero_worker(*args) if kind == "zero" else loss_worker(*args)
+        print("RESULT " + json.dumps(out), flush=True)
+    else:
+        sys.exit(main())
