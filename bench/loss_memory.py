@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward rounds after the warm-up")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="feature dtype")
+    parser.add_argument("--calibration", default=None, help="also write the measured memory into this planner "
+                                                            "calibration file (clipkit/plan/calibration.py)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     impls: list[int | None] = [None] + [int(k) for k in args.chunk_sizes.split(",")]
@@ -168,9 +170,12 @@ def main(argv: list[str] | None = None) -> None:
         "| wall open_clip/ours | CPU open_clip/ours |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    measured: list[dict] = []
     for batch in sizes:
         setup = {"batch": batch, "dim": args.dim, "device": args.device, "dtype": args.dtype}
         memory = [_run_worker("memory", k, setup) for k in impls]
+        measured += [{"batch": batch, "chunk_size": k, "implementation": n, "extra_bytes": m["extra_bytes"]}
+                     for k, n, m in zip(impls, names, memory)]
         timing = _run_worker("time", impls, setup, args.repeats)
         # Same inputs everywhere: a wrong loss shows up here before anyone reads the numbers.
         for loss in [m["loss"] for m in memory] + timing["loss"]:
@@ -193,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nD={args.dim}, {args.dtype}, {where}, torch {timing['torch']}, best of {args.repeats} rounds")
     if not all(m["peak_reset"] for m in memory):
         print("note: /proc/self/clear_refs not writable: peaks are lifetime peaks (over-state the extra memory)")
+    if args.calibration:
+        from clipkit.plan.calibration import write_section
+
+        write_section(args.calibration, "loss_memory", {"dim": args.dim, "dtype": args.dtype, "device": args.device,
+                                                        "threads": timing["threads"], "rows": measured})
+        print(f"wrote loss_memory to {args.calibration}")
 
 
 if __name__ == "__main__":
