@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -37,22 +36,15 @@ BENCH_MODEL = {"embed_dim": 256,
 
 
 # ---------------------------------------------------------------- measurement (inside the launched processes)
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_memory import _peak_rss_bytes as _hwm  # noqa: E402  (RSS helpers shared with the loss benchmark)
+from loss_memory import _reset_peak_rss  # noqa: E402
+from loss_memory import _rss_bytes as _rss
 
 
 def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    if not _reset_peak_rss():
+        raise RuntimeError("/proc/self/clear_refs is not writable: peaks would be lifetime peaks")
 
 
 def _tally(net, optimizer) -> dict:
