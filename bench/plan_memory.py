@@ -39,7 +39,7 @@ BENCH_MODEL = {"embed_dim": 256,
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_memory import _peak_rss_bytes as _hwm  # noqa: E402  (RSS helpers shared with the loss benchmark)
 from loss_memory import _reset_peak_rss  # noqa: E402
-from loss_memory import _rss_bytes as _rss
+from loss_memory import _rss_bytes as _rss  # noqa: E402
 
 
 def _reset_hwm() -> None:
