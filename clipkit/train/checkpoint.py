@@ -124,6 +124,7 @@ def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int, shards: List[st
                             f"{hashlib.sha256(names.encode()).hexdigest()[:16]}",
             "--seed": cfg.seed,
             "--shuffle-buffer": cfg.shuffle_buffer,
+            "--epoch-split": getattr(cfg, "epoch_split", "auto"),
             "--train-num-samples": cfg.train_num_samples if cfg.resampled else None,
             "--max-image-pixels": cfg.max_image_pixels,
         },

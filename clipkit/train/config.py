@@ -39,6 +39,11 @@ class TrainConfig:
     train_num_samples: int | None = _f(None, "samples per epoch (resampled mode; default: counted from the shards)")
     resampled: bool = _f(False, "sample shards with replacement (no epochs over the data) instead of epoch mode")
     shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker (0 = off)")
+    epoch_split: str = _f("auto", "how an epoch is split over ranks and loader workers: samples (equal shares of "
+                                  "unequal shards; needs every shard's size: sizes.json, _stats.json or local tar "
+                                  "headers), shards (whole shards per worker), or auto (samples when the sizes are "
+                                  "known without reading remote shards, else shards)",
+                          choices=("auto", "samples", "shards"))
     workers: int = _f(2, "data loader worker processes per training process")
     max_skip_rate: float = _f(0.1, "stop the run when more than this fraction of samples is skipped as bad (checked "
                                    "once --skip-rate-min-samples samples were read, over all ranks)")

@@ -182,6 +182,7 @@ class Trainer:
             batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed, rank=self.rank, world_size=self.world,
             resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, position=position,
             max_pixels=cfg.max_image_pixels, allow_unsafe_urls=cfg.allow_unsafe_urls, sizes=self.shard_sizes,
+            split=cfg.epoch_split,
             batches_per_epoch=self.steps_per_epoch * cfg.grad_accum if self.steps_per_epoch else None)
 
     def _skip_counts(self, position: DataPosition | None = None) -> Dict[str, int]:

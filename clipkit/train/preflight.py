@@ -75,7 +75,8 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> Preflight:
                 raise DataError(f"the shards hold {n:,} samples, fewer than one global batch of {global_batch:,} "
                                 f"({_batch_text(cfg, world)}): set --train-num-samples, lower --batch-size or add "
                                 "data")
-    sizes = None if cfg.resampled else shard_sizes(shards, cfg.allow_unsafe_urls, read_remote=False)
+    sizes = None if cfg.resampled or cfg.epoch_split == "shards" else shard_sizes(
+        shards, cfg.allow_unsafe_urls, read_remote=cfg.epoch_split == "samples")
     fp = ckpt.fingerprint(model_cfg, cfg, world, shards, sizes)
     resume_from = ckpt.resolve_resume(cfg.resume, out)
     state = ckpt.read_state(resume_from, fp) if resume_from is not None else None

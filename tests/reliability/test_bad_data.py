@@ -26,6 +26,7 @@ from clipkit.data import REASONS, build_train_loader, count_samples, epoch_shard
 from clipkit.data.wds import CAPTION_MAX_CHARS
 from clipkit.data_prep import captions
 from clipkit.models import create_model
+from clipkit.train.errors import EXIT_DATA
 from tests._shards import DEFECTS, bomb_png, jpeg_bytes, make_shards
 from tests._train import MAIN, REPO, env
 from tests.data_prep_helpers import write_dump
@@ -50,8 +51,9 @@ def _single_args(shards, out, steps, extra=()):
 def test_only_good_samples_train_and_counters_match(defect_shards, tmp_path):
     assert set(DEFECTS.values()) >= {"corrupt_image", "empty_image", "not_an_image", "missing_caption", "bad_caption",
                                      "truncated_tar", "too_many_pixels"}
-    # Seed 1, no sample shuffle: in epochs 0-2 shard 0 is the last shard of its worker (list index 2 or 3 of 4, 2
-    # slots), so its cut-off tail is read after that worker's last full batch and is counted only by its end record.
+    # Whole shards per worker, seed 1, no sample shuffle: in epochs 0-2 shard 0 is the last shard of its worker (list
+    # index 2 or 3 of 4, 2 slots), so its cut-off tail is read after that worker's last full batch and is counted only
+    # by its end record.
     # Epoch 3 trains one step, a batch of worker 0 (indices 0 and 2), so shard 0 adds nothing to it.
     orders = [epoch_shard_order(defect_shards.paths, 1, e).index(defect_shards.paths[0]) for e in range(4)]
     assert all(i >= 2 for i in orders[:3]) and orders[3] % 2 == 1, orders
@@ -59,7 +61,7 @@ def test_only_good_samples_train_and_counters_match(defect_shards, tmp_path):
     out.mkdir()
     # 3 epochs of 4 steps + 1: 232 samples seen (over the 200 the skip-rate check waits for), 11% bad < 50%
     result = launch_train(_single_args(defect_shards, out, 13, ["--max-skip-rate", "0.5", "--seed", "1",
-                                                                "--shuffle-buffer", "0"]),
+                                                                "--shuffle-buffer", "0", "--epoch-split", "shards"]),
                           extra_env={"CLIPKIT_TEST_RECORD_BATCHES": str(out)})
     assert result.returncode == 0 and result.leftovers == [], result.explain()
     summary = json.loads((out / "summary.json").read_text())
@@ -73,14 +75,19 @@ def test_only_good_samples_train_and_counters_match(defect_shards, tmp_path):
     for epoch in (0, 1, 2):
         assert Counter(by_epoch[epoch]) == Counter(defect_shards.good_keys), epoch
 
-    # The same data with a threshold below its 11% bad samples stops once 200 samples were seen, naming the reasons.
+    # The same data with a threshold below its 11% bad samples stops once --skip-rate-min-samples (200) samples were
+    # seen, naming the reasons; with the minimum above what 12 steps read, the same run trains to the end.
     strict = tmp_path / "strict"
     stopped = launch_train(_single_args(defect_shards, strict, 12, ["--max-skip-rate", "0.05"]))
-    assert stopped.returncode == 2 and stopped.leftovers == [], stopped.explain()
-    message = next(line for line in stopped.stderr.splitlines() if "training stopped:" in line)
-    assert "were skipped as bad, over --max-skip-rate 5.0%" in message and "'truncated_tar'" in message, message
+    assert stopped.returncode == EXIT_DATA and stopped.leftovers == [], stopped.explain()
+    message = next(line for line in stopped.stderr.splitlines() if line.startswith("error: "))
+    assert "were skipped as bad, over --max-skip-rate 5.0%" in message and "truncated_tar 3" in message, message
     trained = [json.loads(line)["step"] for line in (strict / "metrics.jsonl").read_text().splitlines()]
     assert 8 <= len(trained) < 12 and not (strict / "final").exists()
+    lenient = tmp_path / "lenient"
+    done = launch_train(_single_args(defect_shards, lenient, 12, ["--max-skip-rate", "0.05", "--no-report",
+                                                                  "--skip-rate-min-samples", "100000"]))
+    assert done.returncode == 0 and (lenient / "final").is_dir(), done.explain()
 
 
 # ------------------------------------------------------------------------------------------------ 7: bombs
