@@ -2,7 +2,7 @@
 
     python bench/plan_memory.py                                   # fp32, ZeRO 0-3, 1 and 2 processes
     python bench/plan_memory.py --precision fp32,bf16 --calibration clipkit/plan/calibration.json
-    python bench/plan_memory.py --stages 2 --worlds 2 --model clipkit-tiny      # one case, smoke
+    python bench/plan_memory.py --stages 2 --worlds 2 --models clipkit-tiny     # one case, smoke
 
 Each (stage, processes, precision) runs in fresh processes under `torch.distributed.run` (gloo): the model (a 46M-
 parameter open_clip config by default, so model states dwarf the allocator's noise), clipkit's AdamW, DeepSpeed's
@@ -13,8 +13,9 @@ engine with that stage, then two steps at batch 2 with clipkit's ContrastiveLoss
 - the model states the engine holds after the step, tensor by tensor (storages counted once): parameters (or their
   ZeRO-3 partitions), fp32 master weights, Adam's m and v.
 The transient part of a step (gradients, DeepSpeed's flat buckets and fp32 gradient partitions, ZeRO-3's gathered
-parameters) is peak - states - activations - loss, per parameter; --calibration FILE writes it (mean over ranks and
-process counts) as the planner's `zero_transient` section.
+parameters, and a fixed per-process part: autograd and communication bookkeeping) is peak - states - activations -
+loss; over two model sizes, 1 and 2 processes, it is fitted as fixed + per_param x parameters for each stage and
+precision, and --calibration FILE writes that as the planner's `zero_transient` section.
 """
 
 from __future__ import annotations
@@ -176,57 +177,72 @@ def bench_model_path(directory: str) -> str:
     return str(path)
 
 
+def fit_line(points: list) -> tuple:
+    """Least-squares (fixed, per_param) of bytes = fixed + per_param * params over (params, bytes) points."""
+    n = len(points)
+    mx, my = sum(p for p, _ in points) / n, sum(b for _, b in points) / n
+    var = sum((p - mx) ** 2 for p, _ in points)
+    slope = sum((p - mx) * (b - my) for p, b in points) / var if var else my / mx
+    return my - slope * mx, slope
+
+
 def main(argv=None) -> int:
     from clipkit.plan.calibration import load_calibration, write_section
     from clipkit.plan.memory import model_states, rank_memory
     from clipkit.plan.model import profile_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="open_clip config name or JSON (default: a 46M-parameter config)")
+    p.add_argument("--models", default=None, help="comma-separated open_clip config names or JSON files (default: "
+                                                  "clipkit-tiny and a 46M-parameter config: two sizes to fit)")
     p.add_argument("--stages", default="0,1,2,3")
     p.add_argument("--worlds", default="1,2", help="process counts")
     p.add_argument("--precision", default="fp32", help="fp32 and/or bf16, comma-separated")
     p.add_argument("--batch", type=int, default=2, help="per process")
-    p.add_argument("--calibration", default=None, help="write the measured transient memory into this file")
+    p.add_argument("--calibration", default=None, help="write the fitted transient memory into this file")
     p.add_argument("--json-out", default=None)
     a = p.parse_args(argv)
-    model = a.model or bench_model_path(tempfile.mkdtemp(prefix="clipkit_planmem_"))
+    models = a.models.split(",") if a.models else [
+        "clipkit-tiny", bench_model_path(tempfile.mkdtemp(prefix="clipkit_planmem_"))]
     calibration = load_calibration(a.calibration) if a.calibration and Path(a.calibration).is_file() else \
         load_calibration()
-    rows, transient = [], {}
-    print("| precision | stage | processes | rank | measured peak MiB | states measured MiB | states predicted MiB | "
-          "peak predicted MiB | predicted / measured |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    rows, points = [], {}
+    print("| precision | model params | stage | processes | rank | measured peak MiB | states measured MiB | "
+          "states predicted MiB | peak predicted MiB | predicted / measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for precision in a.precision.split(","):
-        profile = profile_model(model, precision)
-        for stage in (int(s) for s in a.stages.split(",")):
-            for world in (int(w) for w in a.worlds.split(",")):
-                for r in measure_zero(model, stage, world, precision, a.batch):
-                    states = model_states(profile.params, profile.trainable, stage, world, precision)
-                    measured_states = sum(r["states"].values())
-                    mem = rank_memory(profile, a.batch, world, stage, {"zero_transient": {precision: {
-                        str(stage): {"bytes_per_param": 0.0}}}})
-                    rest = r["peak_bytes"] - measured_states - mem.activations - mem.loss
-                    transient.setdefault(precision, {}).setdefault(str(stage), []).append(rest / profile.params)
-                    try:
-                        predicted = rank_memory(profile, a.batch, world, stage, calibration).total
-                        ratio = f"{predicted / r['peak_bytes']:.3f}"
-                    except ValueError:
-                        predicted, ratio = float("nan"), "(no calibration)"
-                    row = {**r, "states_predicted": states, "peak_predicted": predicted}
-                    rows.append(row)
-                    print(f"| {precision} | {stage} | {world} | {r['rank']} | {r['peak_bytes'] / 2**20:.0f} | "
-                          f"{measured_states / 2**20:.0f} | {sum(states.values()) / 2**20:.0f} | "
-                          f"{predicted / 2**20:.0f} | {ratio} |", flush=True)
-    summary = {prec: {stage: {"bytes_per_param": sum(v) / len(v), "per_run": [round(x, 3) for x in v]}
-                      for stage, v in stages.items()} for prec, stages in transient.items()}
-    print(json.dumps({"model": model, "params": profile.params, "zero_transient": summary}, indent=1))
+        for model in models:
+            profile = profile_model(model, precision)
+            for stage in (int(s) for s in a.stages.split(",")):
+                for world in (int(w) for w in a.worlds.split(",")):
+                    for r in measure_zero(model, stage, world, precision, a.batch):
+                        states = model_states(profile.params, profile.trainable, stage, world, precision)
+                        measured_states = sum(r["states"].values())
+                        zero = {"zero_transient": {precision: {str(stage): {"bytes_per_param": 0.0}}}}
+                        mem = rank_memory(profile, a.batch, world, stage, zero)
+                        rest = r["peak_bytes"] - measured_states - mem.activations - mem.loss
+                        points.setdefault(precision, {}).setdefault(str(stage), []).append((profile.params, rest))
+                        try:
+                            predicted = rank_memory(profile, a.batch, world, stage, calibration).total
+                            ratio = f"{predicted / r['peak_bytes']:.3f}"
+                        except ValueError:
+                            predicted, ratio = float("nan"), "(no calibration)"
+                        rows.append({**r, "model": model, "states_predicted": states, "peak_predicted": predicted})
+                        print(f"| {precision} | {profile.params / 1e6:.1f} M | {stage} | {world} | {r['rank']} | "
+                              f"{r['peak_bytes'] / 2**20:.0f} | {measured_states / 2**20:.0f} | "
+                              f"{sum(states.values()) / 2**20:.0f} | {predicted / 2**20:.0f} | {ratio} |", flush=True)
+    summary = {}
+    for prec, stages in points.items():
+        for stage, pts in stages.items():
+            fixed, per_param = fit_line(pts)
+            summary.setdefault(prec, {})[stage] = {"fixed_bytes": fixed, "bytes_per_param": per_param,
+                                                   "points": [[n, round(b)] for n, b in pts]}
+    print(json.dumps({"models": models, "zero_transient": summary}, indent=1))
     if a.calibration:
         merged = dict(load_calibration(a.calibration).get("zero_transient", {})) if Path(a.calibration).is_file() \
             else {}
         for prec, stages in summary.items():
             merged.setdefault(prec, {}).update(stages)
-        write_section(a.calibration, "zero_transient", {**merged, "model_params": profile.params, "batch": a.batch})
+        write_section(a.calibration, "zero_transient", {**merged, "batch": a.batch})
         print(f"wrote zero_transient to {a.calibration}")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(rows, indent=1))

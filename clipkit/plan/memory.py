@@ -12,10 +12,10 @@ tests/test_plan_memory.py):
 | 3 | w P / N | 4 Pt / N | 8 Pt / N |
 
 Transient (during backward and the optimizer step: gradients, DeepSpeed's flattened reduce buckets, fp32 gradient
-partitions, ZeRO-3's gathered parameters): bytes per parameter measured by `bench/plan_memory.py` for each stage and
-precision and read from the calibration file (on CPU they did not depend on N: 1 and 2 ranks measured). DeepSpeed's
-buckets (5e8 elements by default) are larger than every CLIP model up to ViT-g, so this per-parameter figure does not
-reach their cap; it is not modelled.
+partitions, ZeRO-3's gathered parameters, plus a fixed per-process part): fixed + per-parameter bytes fitted by
+`bench/plan_memory.py` to runs of two model sizes on 1 and 2 CPU processes, for each stage and precision, and read
+from the calibration file (the runs showed no dependence on N). DeepSpeed's buckets (5e8 elements by default) are
+larger than every CLIP model up to ViT-g, so the per-parameter figure does not reach their cap; it is not modelled.
 
 Peak = states + transient + activations (saved per sample x local batch, counted on the model; with grad
 checkpointing plus one recomputed block) + the loss's peak (counted on fake tensors, see clipkit/plan/loss.py).
@@ -67,12 +67,14 @@ def model_states(params: int, trainable: int, stage: int, world: int, precision:
 
 
 def transient_bytes(params: int, stage: int, precision: str, calibration: Dict) -> float:
-    """Gradients and DeepSpeed's step buffers: measured bytes per parameter (calibration "zero_transient")."""
+    """Gradients and DeepSpeed's step buffers: fixed + per-parameter bytes, fitted to measured runs (calibration
+    "zero_transient", bench/plan_memory.py)."""
     table = calibration.get("zero_transient", {}).get(precision)
     if not table or str(stage) not in table:
         raise ValueError(f"the calibration file has no measured transient memory for ZeRO-{stage} {precision}: run "
                          "bench/plan_memory.py --calibration FILE")
-    return float(table[str(stage)]["bytes_per_param"]) * params
+    entry = table[str(stage)]
+    return float(entry.get("fixed_bytes", 0.0)) + float(entry["bytes_per_param"]) * params
 
 
 def rank_memory(profile: ModelProfile, local_batch: int, world: int, stage: int, calibration: Dict,
