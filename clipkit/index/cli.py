@@ -38,6 +38,7 @@ def embed_main(argv: List[str] | None = None) -> None:
     args = embed_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+    import torch
     from accelerate import PartialState
 
     from clipkit.data.urls import _local_path, count_samples, expand_urls
@@ -46,7 +47,8 @@ def embed_main(argv: List[str] | None = None) -> None:
     from clipkit.index.embed import RUN_FILE, EmbedSettings, Encoder, check_run, embed_parts, finalize, write_json
     from clipkit.index.fingerprint import model_config_of, model_identity
 
-    state = PartialState(cpu=args.device == "cpu")
+    # cpu=True on a machine without CUDA too: otherwise accelerate leaves every launched process alone (world 1)
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = args.device or str(state.device)
     shards = [os.path.abspath(_local_path(u)) if _local_path(u) is not None else u for u in expand_urls(args.data)]
     settings = EmbedSettings(batch_size=args.batch_size, workers=max(0, args.workers), precision=args.precision,

@@ -322,3 +322,24 @@ def check_run(out: Path, run: Dict[str, Any]) -> None:
     if diffs:
         raise ValueError(f"{out} holds embeddings made with other settings ({', '.join(diffs)} differ): rerun with the "
                          "same arguments to resume, or pick a new --output")
+
+
+def write_arrays(out: str | Path, image: np.ndarray, text: np.ndarray, model: Dict[str, Any],
+                 rows_per_part: int = 1 << 20, captions: Sequence[str] | None = None) -> Dict[str, Any]:
+    """An embedding directory from arrays made elsewhere ([N, D] each, L2-normalised; stored float16), in the layout
+    `embed_parts` writes: e.g. the 1M random vectors of the index scale benchmark. `model` is the identity a service
+    will check (its "fingerprint" above all)."""
+    out = Path(out)
+    n, dim = image.shape
+    if text.shape != image.shape:
+        raise ValueError(f"image {image.shape} and text {text.shape} embeddings differ in shape")
+    starts = list(range(0, n, rows_per_part)) or [0]
+    shards = [f"arrays:{i}" for i in range(len(starts))]
+    write_json(out / RUN_FILE, {"fingerprint": model["fingerprint"], "model": model, "dim": int(dim),
+                                "shards": shards, "settings": {}})
+    for p, start in enumerate(starts):
+        rows = range(start, min(n, start + rows_per_part))
+        metas = [{"shard": shards[p], "key": f"{i:09d}", "caption": captions[i] if captions else None,
+                  "offset": -1, "size": -1} for i in rows]
+        write_part(out, p, shards[p], image[rows.start:rows.stop], text[rows.start:rows.stop], metas, {})
+    return finalize(out, shards)
