@@ -268,6 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--flops", action="store_true", help="report FLOPs/sample and MFU (on by default on CUDA)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100/H200 bf16: ~989)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--calibration", default=None,
+                   help="write ours' samples/s (median round) into this planner calibration file (clipkit.plan)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per training run")
     return p.parse_args(argv)
 
@@ -318,6 +320,13 @@ def main(argv=None) -> int:
         print(markdown_table(result["summary"]), flush=True)
         if a.json_out:
             Path(a.json_out).write_text(json.dumps(result, indent=1))
+        if a.calibration and "ours" in result["summary"]:
+            from clipkit.plan.calibration import train_section, write_section
+
+            ours = result["summary"]["ours"]
+            write_section(a.calibration, *train_section(a.model, a.batch_size, a.precision, ours["samples_per_s"],
+                                                        peak_mem_gb=ours.get("peak_mem_gb")))
+            print(f"wrote the training run into {a.calibration}", flush=True)
     finally:
         if not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)

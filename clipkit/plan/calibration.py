@@ -69,3 +69,27 @@ def write_section(path: str | os.PathLike, section: str, data: Dict[str, Any], a
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, p)
+
+
+def train_section(model: str, batch_size: int, precision: str, samples_per_s: float, processes: int = 1,
+                  peak_mem_gb: float | None = None) -> tuple:
+    """(section name, data) for a measured training run: FLOPs per sample as the planner counts them (towers + loss
+    at this batch), and from them FLOP/s per core (CPU: `cpu_train`) or MFU (GPU: `gpu_train`)."""
+    import torch
+
+    from clipkit.plan.flops import step_flops
+    from clipkit.plan.model import profile_model
+
+    local = batch_size // processes
+    flops = step_flops(profile_model(model, precision), local, processes)["model"] / local
+    run = {"model": model, "batch_size": batch_size, "processes": processes, "precision": precision,
+           "samples_per_s": samples_per_s, "flops_per_sample": flops}
+    if not torch.cuda.is_available():
+        cores = os.cpu_count() or 1
+        return "cpu_train", {**run, "cores": cores, "flops_per_s_per_core": samples_per_s * flops / cores}
+    from clipkit.flops import peak_tflops
+
+    peak = peak_tflops(torch.device("cuda"), precision)
+    run.update(gpu=torch.cuda.get_device_name(), peak_tflops=peak, peak_mem_gb=peak_mem_gb,
+               mfu=samples_per_s / processes * flops / (peak * 1e12) if peak else None)
+    return "gpu_train", {"runs": [run]}
