@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--samples-per-shard", type=int, default=500)
     p.add_argument("--repeats", type=int, default=2, help="runs per tool and source; the best is reported")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--calibration", help="write ours' measured rates into this planner calibration file (clipkit.plan)")
     args = p.parse_args()
     if not os.path.exists(PEER):
         sys.exit(f"img2dataset not found at {PEER}; see this file's docstring")
@@ -205,6 +206,28 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.calibration:
+        from clipkit.plan.calibration import write_section
+
+        write_section(args.calibration, "shards", shard_calibration(results, args))
+        print(f"wrote shards to {args.calibration}")
+
+
+def shard_calibration(results: list, args) -> dict:
+    """Ours per source: best images/s, CPU seconds per image, bytes per sample of the shards it wrote; the planner
+    uses the HTTP source when measured (closest to a real URL dump)."""
+    sources = {}
+    for row in results:
+        out = os.path.join(args.work, f"ours_{row['source']}")
+        tar_bytes = sum(os.path.getsize(t) for t in glob.glob(os.path.join(out, "*.tar")))
+        ours = row["ours"]
+        sources[row["source"]] = {
+            "images_per_s": ours["images_per_s"], "cpu_s_per_image": ours["cpu_ms_per_image"] / 1e3,
+            "bytes_per_sample": tar_bytes / max(ours["successes"], 1), "processes": args.processes,
+            "threads": args.threads}
+    chosen = "http" if "http" in sources else next(iter(sources))
+    return {"sources": sources, "source": chosen, "image_size": args.image_size, "resize_mode": args.resize_mode,
+            **{k: sources[chosen][k] for k in ("cpu_s_per_image", "bytes_per_sample", "images_per_s")}}
 
 
 if __name__ == "__main__":
