@@ -77,7 +77,9 @@ def export_onnx(loaded, fingerprint: str, dim: int, out_dir: str | Path, toleran
     h, w = image_size_of(model)
     pixels = torch.zeros(2, 3, h, w)
     tokens = loaded.tokenizer(["a photo", "a photo of a dog"])
-    with warnings.catch_warnings(), torch.no_grad():
+    # Not under no_grad: there nn.MultiheadAttention takes its fused fast path (aten::_native_multi_head_attention),
+    # which has no ONNX export.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(_ImageTower(model), (pixels,), str(out_dir / "image.onnx.tmp"), input_names=["pixel_values"],
                           output_names=["embeddings"], opset_version=OPSET, dynamo=False,
