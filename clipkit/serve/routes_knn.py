@@ -72,15 +72,16 @@ async def knn_service(request: Request, req: KnnRequest = Depends(json_body(KnnR
     svc = request.app.state.service
     _check_indice(svc, req.indice_name)
     limit = svc.config.max_results
-    wanted = req.num_result_ids or req.num_images
-    if max(wanted, req.num_images) > limit:
+    num_images = req.num_images or min(40, limit)
+    wanted = max(req.num_result_ids or num_images, num_images)
+    if wanted > limit:
         raise APIError(400, f"num_images / num_result_ids: at most {limit} (--max-results)", "num_images")
     query = await query_vector(svc, req)
-    scores, ids = await svc.search(req.modality, query, max(wanted, req.num_images))
+    scores, ids = await svc.search(req.modality, query, wanted)
     if req.deduplicate and len(ids):
         keep = dedup(ids, svc.embeddings(req.modality, ids))
         scores, ids = scores[keep], ids[keep]
-    scores, ids = scores[:req.num_images], ids[:req.num_images]
+    scores, ids = scores[:num_images], ids[:num_images]
     metas = svc.metadata([int(i) for i in ids])
     out = []
     for i, s, meta in zip(ids, scores, metas):

@@ -104,7 +104,7 @@ class KnnRequest(BaseModel):
     image_url: str | None = None  # only with --allow-url-fetch
     embedding_input: List[float] | None = None
     modality: Literal["image", "text"] = "image"  # which index to search
-    num_images: int = Field(40, ge=1)
+    num_images: int | None = Field(None, ge=1)  # results returned; default min(40, --max-results)
     num_result_ids: int | None = Field(None, ge=1)
     indice_name: str | None = None
     deduplicate: bool = True
