@@ -122,6 +122,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return json.loads(payload.cpu().numpy().tobytes().decode("utf-8"))
 
 
+def all_gather_json(obj: Any) -> list:
+    """Every rank's JSON-serialisable `obj`, as a list indexed by rank, on every rank (JSON, not pickle, as
+    `broadcast_object`). Single process: [obj]."""
+    rank, world = rank_world()
+    if world == 1:
+        return [obj]
+    device = _comm_device()
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).to(device)
+    length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    size = int(max(n.item() for n in lengths))
+    padded = torch.zeros(size, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return [json.loads(c[: int(n.item())].cpu().numpy().tobytes().decode("utf-8")) for c, n in zip(chunks, lengths)]
+
+
 def barrier() -> None:
     """Every rank waits here for all the others (no-op in a single process)."""
     if rank_world()[1] > 1:

@@ -259,7 +259,7 @@ def test_exact_resume_with_grad_accum_and_a_worker_ended_mid_epoch(tmp_path):
     run_train(args(straight))
     run_train(args(resumed, "--stop-at", "9", "--save-every", "9"))
     state = json.loads((resumed / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
-    assert state["epoch_steps"] == 3 and len(state["position"]["ended"]) == 1, state  # one worker done, one not
+    assert state["epoch_steps"] == 3 and len(state["ranks"][0]["position"]["ended"]) == 1, state  # one worker ended
     run_train(args(resumed, "--resume", "auto"))
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 13))

@@ -128,25 +128,31 @@ class Trainer:
     def _restore(self, path: Path, state: Dict[str, Any]) -> None:
         ckpt.load(self.accelerator, path)
         self.step = state["step"]
-        self.position = DataPosition.from_dict(state["position"])
-        pad = state.get("pad_position")
+        # Each rank's own data state (checkpoints before per-rank states held rank 0's for every rank).
+        mine = state["ranks"][self.rank] if "ranks" in state else state
+        self.position = DataPosition.from_dict(mine["position"])
+        pad = mine.get("pad_position")
         self.pad_position = DataPosition.from_dict(pad) if pad else None
+        self.skip_totals = mine["skip_totals"]
+        self.padded_total = mine.get("padded_total", 0)
         self.epoch_steps = state["epoch_steps"]
-        self.skip_totals = state["skip_totals"]
-        self.padded_total = state.get("padded_total", 0)
         self.nonfinite_total = state.get("nonfinite_total", 0)
         log.info("resumed from %s at step %d (epoch %d, %d steps into it)", path, self.step, self.position.epoch,
                  self.epoch_steps)
 
     def _state(self) -> Dict[str, Any]:
-        return {
-            "step": self.step,
+        """The trainer's state for a checkpoint (a collective: every rank's data state is gathered)."""
+        mine = {
             "position": self.position.to_dict(),
             "pad_position": self.pad_position.to_dict() if self.pad_position is not None else None,
-            "epoch_steps": self.epoch_steps,
             "skip_totals": self.skip_totals,
             "padded_total": self.padded_total,
+        }
+        return {
+            "step": self.step,
+            "epoch_steps": self.epoch_steps,
             "nonfinite_total": self.nonfinite_total,
+            "ranks": dist.all_gather_json(mine),  # rank r's data position, pads and counts at index r
             "fingerprint": self.fingerprint,
         }
 
