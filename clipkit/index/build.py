@@ -28,7 +28,7 @@ PQ_CODE_SIZES = (64, 48, 32, 16, 8, 4)  # bytes per vector, largest first
 # Sub-vectors of at least 8 dimensions: k-means on 1-4 dimensional sub-vectors is both slow in faiss (no BLAS path)
 # and a poor use of the code bytes.
 PQ_MIN_SUBDIM = 8
-IVF_TRAIN_PER_LIST = 64  # training vectors per inverted list (faiss warns below 39)
+IVF_TRAIN_PER_LIST = 39  # training vectors per inverted list (faiss's minimum before it warns)
 RECALL_K = 10
 
 
@@ -49,8 +49,8 @@ class IndexPlan:
 
 
 def _ivf_lists(n: int) -> int:
-    """Inverted lists: ~4 sqrt(n) rounded to a power of two (autofaiss's range), with >= 39 training points each."""
-    lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    """Inverted lists: ~2 sqrt(n) rounded to a power of two (2048 for 1M vectors), >= 39 training points each."""
+    lists = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
     return int(max(1, min(lists, n // 39 or 1)))
 
 

@@ -95,6 +95,13 @@ def exact_topk(store: EmbeddingStore, modality: str, queries: np.ndarray, k: int
     for chunk in store.chunks(modality):
         scores = queries @ chunk.T
         ids = np.broadcast_to(np.arange(start, start + len(chunk)), scores.shape)
+        if scores.shape[1] > k:  # only this chunk's k best can enter the top k (ties at the cut keep all equals)
+            cut = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]
+            keep = scores >= cut
+            width = int(keep.sum(1).max())
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+            scores = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(scores, order, 1), -np.inf)
+            ids = np.take_along_axis(ids, order, 1)
         best_s = np.concatenate([best_s, scores], axis=1)
         best_i = np.concatenate([best_i, ids], axis=1)
         if best_s.shape[1] > k:
