@@ -68,6 +68,41 @@ def zeroshot(run_dir: Path, data: Path) -> dict:
     return results
 
 
+def embedding_index(run_dir: Path, data: Path, index_dir: Path, query: str = "a photo of a red star") -> list:
+    """Embeds the held-out eval images (one shard: png + caption + class), builds the index, runs a text query."""
+    import io
+    import tarfile
+
+    from clipkit.index.cli import build_main, embed_main
+    from clipkit.index.search import IndexDir
+    from clipkit.models import load_open_clip
+
+    shard = data / "heldout_shards" / "00000.tar"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(shard, "w") as tar:
+        for i, path in enumerate(sorted((data / "eval_seen").glob("*/*.png")) + sorted(
+                (data / "eval_heldout").glob("*/*.png"))):
+            cls = path.parent.name
+            for ext, payload in (("png", path.read_bytes()), ("txt", f"a {cls}".encode()),
+                                 ("json", json.dumps({"class": cls, "split": path.parents[1].name}).encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size, info.mtime = len(payload), 0
+                tar.addfile(info, io.BytesIO(payload))
+    embed_main(["--model", str(run_dir / "final"), "--data", str(shard), "--output", str(index_dir), "--workers", "0",
+                "--no-progress"])
+    build_main([str(index_dir), "--map", "pca"])
+    model, _, tokenizer = load_open_clip(str(run_dir / "final"))
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        q = F.normalize(model.encode_text(tokenizer([query])), dim=-1).numpy()
+    index = IndexDir(index_dir)
+    scores, ids = index.search("image", q, 5)
+    meta = index.store.metadata().take(ids[0]).to_pylist()
+    return [(m["class"], float(s)) for m, s in zip(meta, scores[0])]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
@@ -89,6 +124,11 @@ def main(argv=None) -> int:
     print(f"\ndone in {time.time() - t0:.0f} s; run dir {out / 'run'} (final/ loads with "
           f"open_clip.create_model_and_transforms('local-dir:{out / 'run' / 'final'}'))")
     print(f"run report: {out / 'run' / 'report.html'} (open it in a browser)")
+    print("\n[index] embedding the 900 eval images, FAISS index, text search", flush=True)
+    query = "a photo of a red star"
+    top = embedding_index(out / "run", d["data"], out / "index", query)
+    print(f"top 5 images for {query!r}: " + ", ".join(f"{c} ({s:.3f})" for c, s in top))
+    print(f"serve it: python serve/app.py --index {out / 'index'} --model {out / 'run' / 'final'}")
     return 0
 
 

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", type=int, default=None,
                    help="re-rank R*k candidates exactly (default: 4 for ivfpq, none otherwise)")
     p.add_argument("--modalities", nargs="+", default=["image", "text"])
-    p.add_argument("--no-map", action="store_true", help="skip the 2-D map of the image embeddings (explorer)")
+    p.add_argument("--map", default="auto", choices=("auto", "umap", "pca", "none"),
+                   help="2-D map of the image embeddings for the explorer (auto: UMAP up to 200k points, else PCA)")
+    p.add_argument("--no-map", action="store_const", const="none", dest="map", help="same as --map none")
     return p
 
 
@@ -107,10 +109,10 @@ def build_main(argv: List[str] | None = None) -> None:
     settings = BuildSettings(kind=args.kind, max_index_memory=parse_memory(args.max_index_memory),
                              queries=args.queries, rerank=args.rerank, modalities=check_modalities(args.modalities))
     build_indexes(args.dir, settings)
-    if not args.no_map:
+    if args.map != "none":
         from clipkit.index.projection import write_map
 
-        info = write_map(args.dir)
+        info = write_map(args.dir, args.map)
         print(f"map: {info['method']} of {info['count']} image embeddings -> {Path(args.dir) / info['file']}")
     print(f"serve it: python serve/app.py --index {args.dir} --model MODEL")
 
