@@ -119,7 +119,8 @@ def zero_worker(stage: int, model: str, batch: int, precision: str) -> dict:
 
 
 def loss_worker(batch: int, dim: int, chunk: int, precision: str) -> dict:
-    """Extra peak RSS of ContrastiveLoss forward + backward on this rank (features created before the baseline)."""
+    """Extra peak RSS of ContrastiveLoss forward + backward on this rank (features created, and one small step taken,
+    before the baseline)."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -134,6 +135,9 @@ def loss_worker(batch: int, dim: int, chunk: int, precision: str) -> dict:
                    for _ in range(2))
     scale = torch.tensor([2.659], requires_grad=True)
     loss_fn = ContrastiveLoss(chunk_size=chunk or None)
+    # One small step first: the autograd engine's threads and the BLAS workspaces start once per process.
+    small = [x[:8].detach().clone().requires_grad_() for x in (image, text)]
+    loss_fn(small[0], small[1], scale.exp()).backward()
     base = _rss()
     _reset_hwm()
     loss_fn(image, text, scale.exp()).backward()
@@ -150,16 +154,19 @@ def _free_port() -> int:
 
 
 def launch(world: int, *worker_args, timeout: int = 900) -> list:
-    """Runs this file's worker in `world` fresh processes; returns each rank's result dict."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(_free_port()), __file__, "--worker", json.dumps(list(worker_args))]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or len(results) != world:
-        raise RuntimeError(f"worker {worker_args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                           f"{proc.stderr[-4000:]}")
-    return sorted(results, key=lambda r: r["rank"])
+    """Runs this file's worker in `world` fresh processes; returns each rank's result dict (each rank writes its own
+    file: their stdout lines would interleave)."""
+    with tempfile.TemporaryDirectory(prefix="clipkit_planmem_") as results_dir:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+               str(_free_port()), __file__, "--worker", json.dumps(list(worker_args))]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO),
+                   CLIPKIT_PLAN_RESULTS=results_dir)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        files = sorted(Path(results_dir).glob("rank*.json"))
+        if proc.returncode != 0 or len(files) != world:
+            raise RuntimeError(f"worker {worker_args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                               f"{proc.stderr[-4000:]}")
+        return sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
 
 
 def measure_zero(model: str, stage: int, world: int, precision: str = "fp32", batch: int = 2) -> list:
@@ -188,6 +195,7 @@ def fit_line(points: list) -> tuple:
 
 def main(argv=None) -> int:
     from clipkit.plan.calibration import load_calibration, write_section
+    from clipkit.plan.loss import loss_peak_bytes
     from clipkit.plan.memory import model_states, rank_memory
     from clipkit.plan.model import profile_model
 
@@ -200,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2, help="per process")
     p.add_argument("--calibration", default=None, help="write the fitted transient memory into this file")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--loss-batches", default="2048", help="also measure the loss alone at these per-process batches "
+                                                          "(D=256, full and chunked K=256, 1 and 2 processes; '' = no)")
     a = p.parse_args(argv)
     models = a.models.split(",") if a.models else [
         "clipkit-tiny", bench_model_path(tempfile.mkdtemp(prefix="clipkit_planmem_"))]
@@ -230,6 +240,17 @@ def main(argv=None) -> int:
                         print(f"| {precision} | {profile.params / 1e6:.1f} M | {stage} | {world} | {r['rank']} | "
                               f"{r['peak_bytes'] / 2**20:.0f} | {measured_states / 2**20:.0f} | "
                               f"{sum(states.values()) / 2**20:.0f} | {predicted / 2**20:.0f} | {ratio} |", flush=True)
+    if a.loss_batches:
+        print("\n| loss | B per process | processes | rank | measured peak MiB | predicted MiB | predicted / measured |")
+        print("|---|---|---|---|---|---|---|")
+        for batch in (int(x) for x in a.loss_batches.split(",")):
+            for chunk in (None, 256):
+                for world in (1, 2):
+                    predicted = loss_peak_bytes(batch, world, 256, chunk, "fp32")
+                    for r in measure_loss(batch, world, 256, chunk):
+                        print(f"| {'full logits' if chunk is None else f'chunked K={chunk}'} | {batch} | {world} | "
+                              f"{r['rank']} | {r['peak_bytes'] / 2**20:.1f} | {predicted / 2**20:.1f} | "
+                              f"{predicted / r['peak_bytes']:.3f} |", flush=True)
     summary = {}
     for prec, stages in points.items():
         for stage, pts in stages.items():
@@ -253,6 +274,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         kind, *args = json.loads(sys.argv[2])
         out = zero_worker(*args) if kind == "zero" else loss_worker(*args)
-        print("RESULT " + json.dumps(out), flush=True)
+        Path(os.environ["CLIPKIT_PLAN_RESULTS"], f"rank{out['rank']}.json").write_text(json.dumps(out))
     else:
         sys.exit(main())

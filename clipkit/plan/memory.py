@@ -103,6 +103,31 @@ def largest_batch(fits: Callable[[int], bool], limit: int = 1 << 20) -> int:
 
 def max_local_batch(profile: ModelProfile, world: int, stage: int, calibration: Dict, capacity_bytes: float,
                     chunk_size: int | None = None) -> int:
-    """The largest per-rank batch whose predicted peak fits in `capacity_bytes`."""
-    return largest_batch(
-        lambda b: rank_memory(profile, b, world, stage, calibration, chunk_size).total <= capacity_bytes)
+    """The largest per-rank batch whose predicted peak fits in `capacity_bytes`.
+
+    Everything but the loss is linear in the batch. The loss's memory (counted on fake tensors, ~1 s a count) is a
+    quadratic in the batch at a fixed world size (tensors of [B, W*B], [B, D], [W*B, D]): it is counted at three
+    batches, the answer found on the fitted curve, then confirmed by counting at it and one above (bisection when
+    the fit is off)."""
+    import numpy as np
+
+    def total(b: int) -> float:
+        return rank_memory(profile, b, world, stage, calibration, chunk_size).total
+
+    fixed = rank_memory(profile, 0, world, stage, calibration, chunk_size)
+    without_loss = fixed.total - fixed.loss
+    per_sample = max(profile.activation_bytes, 1.0)
+    hi = largest_batch(lambda n: without_loss + per_sample * n <= capacity_bytes) + 1  # never fits
+    if hi == 1:
+        return 0
+    xs = sorted({max(1, (hi - 1) // 4), max(1, (hi - 1) // 2), hi - 1})
+    loss = [total(x) - without_loss - per_sample * x for x in xs]
+    coef = np.polyfit(xs, loss, len(xs) - 1)
+    guess = largest_batch(lambda n: without_loss + per_sample * n + float(np.polyval(coef, n)) <= capacity_bytes,
+                          limit=hi - 1)
+    lo = guess if total(guess) <= capacity_bytes else 0
+    hi = guess + 1 if total(guess + 1) > capacity_bytes else hi
+    while hi - lo > 1:  # total(lo) fits (or lo = 0), total(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) <= capacity_bytes else (lo, mid)
+    return lo

@@ -79,17 +79,18 @@ def _tower_loss(out) -> torch.Tensor:
     return (out["image_features"].float().sum() + out["text_features"].float().sum()) * out["logit_scale"].sum()
 
 
-def _count_flops(net, cfg, batch: int, dtype, backward: bool) -> float:
+def _count_flops(net, cfg, batch: int, dtype) -> Tuple[float, float]:
+    """(forward FLOPs, forward + backward FLOPs) of one training step of the towers on `batch` samples."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     images, texts, _, _ = _inputs(cfg, batch, dtype)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = net(images, texts)
-        if backward:
-            _tower_loss(out).backward()
+        forward = float(counter.get_total_flops())
+        _tower_loss(out).backward()
     net.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return forward, float(counter.get_total_flops())
 
 
 def _saved_bytes(net, cfg, batch: int, dtype, vision_only: bool = False) -> float:
@@ -117,8 +118,7 @@ def profile_model(model: str, precision: str = "bf16", grad_checkpointing: bool 
     net, cfg = meta_model(model, precision)
     dtype = DTYPES[precision]
     _, _, image_size, context = _inputs(cfg, 1, dtype)
-    fb = [_count_flops(net, cfg, b, dtype, backward=True) for b in (1, 2)]
-    fw = [_count_flops(net, cfg, b, dtype, backward=False) for b in (1, 2)]
+    (fw1, fb1), (fw2, fb2) = (_count_flops(net, cfg, b, dtype) for b in (1, 2))
     act = [_saved_bytes(net, cfg, b, dtype) for b in (1, 2)]
     recompute = 0.0
     if grad_checkpointing:
@@ -134,6 +134,6 @@ def profile_model(model: str, precision: str = "bf16", grad_checkpointing: bool 
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return ModelProfile(
         name=model, params=params, trainable=trainable, embed_dim=int(cfg["embed_dim"]), image_size=image_size,
-        context_length=context, tower_flops=fb[1] - fb[0], forward_flops=fw[1] - fw[0],
+        context_length=context, tower_flops=fb2 - fb1, forward_flops=fw2 - fw1,
         activation_bytes=act[1] - act[0], recompute_bytes=recompute, precision=precision,
         grad_checkpointing=grad_checkpointing)
