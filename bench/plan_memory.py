@@ -241,7 +241,8 @@ def main(argv=None) -> int:
                               f"{r['peak_bytes'] / 2**20:.0f} | {measured_states / 2**20:.0f} | "
                               f"{sum(states.values()) / 2**20:.0f} | {predicted / 2**20:.0f} | {ratio} |", flush=True)
     if a.loss_batches:
-        print("\n| loss | B per process | processes | rank | measured peak MiB | predicted MiB | predicted / measured |")
+        print("\n| loss | B per process | processes | rank | measured peak MiB | predicted MiB | "
+              "predicted / measured |")
         print("|---|---|---|---|---|---|---|")
         for batch in (int(x) for x in a.loss_batches.split(",")):
             for chunk in (None, 256):
