@@ -20,15 +20,18 @@ from clipkit.data_prep.shard import ShardJob, run_shard
 
 OnDone = Callable[[ShardJob, Dict[str, Any] | None, str | None], None]  # (job, stats, error)
 OnProgress = Callable[[int], None]
+# What runs one job: (job, config, progress) -> stats. run_shard for build_shards; filter_shards passes its writer.
+Work = Callable[[Any, Any, OnProgress | None], Dict[str, Any]]
 
 _ATTEMPTS = 2  # Ray: tries per shard
 _counter = None  # per worker process: the shared row counter for the progress bar
 
 
-def run_in_process(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+def run_in_process(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress,
+                   work: Work = run_shard) -> None:
     for job in jobs:
         try:
-            stats = run_shard(job, config, on_progress)
+            stats = work(job, config, on_progress)
         except Exception as e:  # report and go on with the other shards
             on_done(job, None, f"{type(e).__name__}: {e}")
         else:
@@ -57,12 +60,13 @@ def _count(n: int) -> None:
         _counter.value += n
 
 
-def _run_counted(job: ShardJob, config: ShardConfig) -> Dict[str, Any]:
-    return run_shard(job, config, _count)
+def _run_counted(job: ShardJob, config: ShardConfig, work: Work = run_shard) -> Dict[str, Any]:
+    return work(job, config, _count)
 
 
 def _run_round(
-    jobs: List[ShardJob], config: ShardConfig, isolated: bool, on_done: OnDone, progress: Callable[[], None]
+    jobs: List[ShardJob], config: ShardConfig, isolated: bool, on_done: OnDone, progress: Callable[[], None],
+    work: Work = run_shard,
 ) -> List[ShardJob]:
     """Runs `jobs` on `process_count` processes; returns the jobs whose worker process died.
 
@@ -86,7 +90,7 @@ def _run_round(
             while queue and len(in_flight) < depth and not broke:
                 job = queue.popleft()
                 pool = shared or new_pool(1)
-                in_flight[pool.submit(_run_counted, job, config)] = (job, pool)
+                in_flight[pool.submit(_run_counted, job, config, work)] = (job, pool)
             done, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
             progress()
             for future in done:
@@ -118,7 +122,8 @@ def _run_round(
     return died
 
 
-def run_on_processes(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+def run_on_processes(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress,
+                     work: Work = run_shard) -> None:
     # spawn, not fork: the parent may hold threads (progress bar) and a forked lock would never be released.
     global _counter
     _counter = multiprocessing.get_context("spawn").Value("q", 0)
@@ -131,13 +136,14 @@ def run_on_processes(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone,
             on_progress(value - reported)
             reported = value
 
-    died = _run_round(jobs, config, False, on_done, progress)
+    died = _run_round(jobs, config, False, on_done, progress, work)
     if died:  # a worker died under these jobs (OOM, decoder crash): run each alone to find the culprit
-        _run_round(died, config, True, on_done, progress)
+        _run_round(died, config, True, on_done, progress, work)
     progress()
 
 
-def run_on_ray(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+def run_on_ray(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress,
+               work: Work = run_shard) -> None:
     try:
         import ray
     except ImportError as e:
@@ -154,7 +160,7 @@ def run_on_ray(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_pr
         )
     try:
         # Output must be on storage every node sees (NFS, a shared disk): workers write shards straight into it.
-        remote = ray.remote(num_cpus=1, max_retries=_ATTEMPTS - 1)(run_shard)
+        remote = ray.remote(num_cpus=1, max_retries=_ATTEMPTS - 1)(work)
         refs = {remote.remote(job, config): job for job in jobs}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
@@ -172,12 +178,15 @@ def run_on_ray(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_pr
             ray.shutdown()
 
 
-def run_jobs(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress) -> None:
+def run_jobs(jobs: List[ShardJob], config: ShardConfig, on_done: OnDone, on_progress: OnProgress,
+             work: Work = run_shard) -> None:
+    """Runs `work(job, config, progress)` for every job (build_shards' run_shard by default); `config` needs
+    distributor, process_count, workers and ray_address."""
     if not jobs:
         return
     if config.distributor == "ray":
-        run_on_ray(jobs, config, on_done, on_progress)
+        run_on_ray(jobs, config, on_done, on_progress, work)
     elif config.process_count == 1:
-        run_in_process(jobs, config, on_done, on_progress)
+        run_in_process(jobs, config, on_done, on_progress, work)
     else:
-        run_on_processes(jobs, config, on_done, on_progress)
+        run_on_processes(jobs, config, on_done, on_progress, work)

@@ -2,14 +2,19 @@
 
     python examples/fashion_mnist/make_shards.py --out runs/fmnist_shards
     # smoke-sized: --max-samples 2000
+    # noisy captions for the filtering experiment (examples/fashion_mnist/filter_experiment.sh): 30% name a wrong class
+    python examples/fashion_mnist/make_shards.py --out runs/fmnist_noisy --corrupt-fraction 0.3
 
 Each image gets one caption made from its class name with a randomly chosen template and name variant, so the model
 learns class names from language, not from label ids. Images stay 28x28 grayscale PNG (lossless); the training
 transform resizes them. Shards: OUT/shard-000000.tar ...; prints the brace spec to pass as --train-data.
+With --corrupt-fraction F, a random F of the captions name another class (uniformly among the other nine) and each
+sample's json records {"label", "caption_label", "corrupted"}, so a filter's precision and recall can be measured.
 """
 
 import argparse
 import io
+import json
 import random
 import sys
 from pathlib import Path
@@ -60,6 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--per-shard", type=int, default=10000)
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corrupt-fraction", type=float, default=0.0,
+                        help="fraction of captions that name a wrong class (json: corrupted=true)")
     args = parser.parse_args(argv)
 
     import webdataset as wds
@@ -73,13 +80,22 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("shard-*.tar")):
         sys.exit(f"{out} already holds shard-*.tar files: choose an empty --out")
+    corrupt_rng = random.Random(args.seed + 1)  # separate stream: the clean captions stay those of a clean run
+    corrupted = set(corrupt_rng.sample(range(n), round(args.corrupt_fraction * n))) if args.corrupt_fraction else set()
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=args.per_shard, verbose=0) as sink:
-        for i in order[:n]:
+        for position, i in enumerate(order[:n]):
             buf = io.BytesIO()
             Image.fromarray(images[i], mode="L").save(buf, format="PNG")
-            classname = FASHION_MNIST_CLASSNAMES[labels[i]]
-            sink.write({"__key__": f"{args.split}{i:06d}", "png": buf.getvalue(), "txt": make_caption(classname, rng),
-                        "cls": str(int(labels[i]))})
+            label = int(labels[i])
+            caption_label = label
+            if position in corrupted:
+                caption_label = corrupt_rng.choice([k for k in range(10) if k != label])
+            sample = {"__key__": f"{args.split}{i:06d}", "png": buf.getvalue(),
+                      "txt": make_caption(FASHION_MNIST_CLASSNAMES[caption_label], rng), "cls": str(label)}
+            if args.corrupt_fraction:
+                sample["json"] = json.dumps({"label": label, "caption_label": caption_label,
+                                             "corrupted": position in corrupted}).encode()
+            sink.write(sample)
     num_shards = len(list(out.glob("shard-*.tar")))
     last = num_shards - 1
     spec = str(out / (f"shard-{{000000..{last:06d}}}.tar" if last > 0 else "shard-000000.tar"))
