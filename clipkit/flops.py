@@ -41,7 +41,10 @@ def peak_tflops(device: torch.device, precision: str, override: float | None = N
 @torch.no_grad()
 def forward_flops(model: nn.Module, image_size: int | tuple, context_length: int) -> Dict[str, int]:
     """FLOPs of one sample's forward through `model.encode_image` and `model.encode_text` (torch's FlopCounterMode on
-    a batch of one, on the model's device and dtype): {"image": ..., "text": ..., "total": ...}."""
+    a batch of one, on the model's device and dtype): {"image": ..., "text": ..., "total": ...}.
+
+    Counted in train mode, the mode training runs in: in eval mode nn.MultiheadAttention takes a fused kernel the
+    counter does not see (its attention FLOPs would be missing). Buffers (BatchNorm statistics) are put back."""
     from torch.utils.flop_counter import FlopCounterMode
 
     param = next(model.parameters())
@@ -49,18 +52,29 @@ def forward_flops(model: nn.Module, image_size: int | tuple, context_length: int
     images = torch.zeros(1, 3, h, w, device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     texts = torch.zeros(1, context_length, dtype=torch.long, device=param.device)
     was_training = model.training
-    model.eval()
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.train()
     try:
         counts = {}
         for name, fn, arg in (("image", model.encode_image, images), ("text", model.encode_text, texts)):
-            counter = FlopCounterMode(display=False)
+            # torch's counter knows the CUDA attention kernels, not the CPU one: counted with the same formula
+            counter = FlopCounterMode(display=False, custom_mapping={
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop})
             with counter:
                 fn(arg)
             counts[name] = int(counter.get_total_flops())
     finally:
         model.train(was_training)
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     counts["total"] = counts["image"] + counts["text"]
     return counts
+
+
+def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def train_flops_per_sample(model: nn.Module, image_size: int | tuple, context_length: int) -> int:

@@ -15,6 +15,7 @@ import pytest
 
 from clipkit.train import checkpoint as ckpt
 from clipkit.train.config import parse_config
+from clipkit.train.errors import EXIT_CHECKPOINT
 from clipkit.train.metrics import read_metrics
 from tests._train import assert_same_weights, final_weights, losses
 from tests.reliability._helpers import (
@@ -133,8 +134,8 @@ def test_resume_refuses_other_config_naming_the_difference(clean_shards, referen
     before = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*")}
     out = tmp_path / "out"
     result = launch_train(train_args(clean_shards.spec, out, steps=STEPS + 2, extra=["--resume", str(copy), *change]))
-    assert result.returncode != 0
-    message = next(line for line in result.stderr.splitlines() if "CheckpointError: cannot resume" in line)
+    assert result.returncode == EXIT_CHECKPOINT, result.explain()
+    message = next(line for line in result.stderr.splitlines() if line.startswith("error: cannot resume"))
     differences = message.split(f"cannot resume exactly from {copy}: ", 1)[1].split("; ")
     assert len(differences) == len(named), message  # what differs is named, nothing else is
     for difference, text in zip(differences, named):
