@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the builds on this machine's disk (a bare `torch` requirement would fetch GBs).
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# clip-retrieval's ClipClient for tests/test_serve.py: its pins (open-clip-torch<3, numpy<2) would downgrade ours
+	$(BIN)/python -m pip install -q --no-deps clip-retrieval==2.45.0
 	touch $(STAMP)
 
 install: $(STAMP)
