@@ -36,7 +36,7 @@ def zero2_fp32_masters(ckpt_dir) -> dict:
         model_states = torch.load(glob.glob(f"{ckpt_dir}/pytorch_model/mp_rank_00_model_states.pt")[0],
                                   map_location="cpu", weights_only=True)
         ranks = [torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"]
-                 for f in sorted(glob.glob(f"{ckpt_dir}/pytorch_model/zero_pp_rank_*_optim_states.pt"))]
+                 for f in sorted(glob.glob(f"{ckpt_dir}/pytorch_model/*zero_pp_rank_*_optim_states.pt"))]
     shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
     pieces = {name: [] for name in shapes}
     for state in ranks:  # rank order: a parameter split over ranks starts on the lower one
