@@ -166,11 +166,12 @@ def sweep_data(tmp_path_factory):
 
 
 def _sweep(data, out, launcher="local", samples=(16, 32), **kw) -> dict:
-    cfg = SweepConfig(train_data=data["train_data"], eval_data=data["eval_data"], models=[data["model"]],
-                      samples=list(samples), batch_size=8, output_dir=str(out), lrs=[1e-3], launcher=launcher,
-                      train={"workers": 0, "progress": False, "tensorboard": False, "shuffle_buffer": 8, "seed": 0},
-                      eval={"max_samples": 20}, device="cpu", bootstrap=50, **kw).validate()
-    return run_sweep(cfg, log=open("/dev/null", "w"))
+    settings = dict(train_data=data["train_data"], eval_data=data["eval_data"], models=[data["model"]],
+                    samples=list(samples), batch_size=8, output_dir=str(out), lrs=[1e-3], launcher=launcher,
+                    train={"workers": 0, "progress": False, "tensorboard": False, "shuffle_buffer": 8, "seed": 0},
+                    eval={"max_samples": 20}, device="cpu", bootstrap=50)
+    settings.update(kw)
+    return run_sweep(SweepConfig(**settings).validate(), log=open("/dev/null", "w"))
 
 
 def _runs(summary):
@@ -196,8 +197,8 @@ def test_sweep_end_to_end_local_resumes_and_skips_finished_runs(sweep_data, tmp_
     assert all(r.get("skipped") for r in again["runs"]) and _runs(again) == _runs(summary)
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train.log")} == logs  # nothing retrained
     # a changed setting is a different run: it trains again
-    changed = _sweep(sweep_data, out, samples=(16,), seed=1, bins=1)
-    assert not changed["runs"][0].get("skipped")
+    changed = _sweep(sweep_data, out, samples=(16,), eval={"max_samples": 10})
+    assert not changed["runs"][0].get("skipped") and changed["runs"][0]["n"] == 10
 
 
 @pytest.mark.slow

@@ -17,17 +17,19 @@ def run_local(runs: List[RunSpec], cfg: SweepConfig, on_result: OnResult) -> Non
 
 def run_ray(runs: List[RunSpec], cfg: SweepConfig, on_result: OnResult) -> None:
     """One Ray task per run, with `ray.num_cpus` CPUs (default 1) and `ray.num_gpus` GPUs (default 1 when the
-    cluster has any, else 0) each; `ray.address` joins a running cluster (default: a local instance)."""
+    cluster has any, else 0) each; `ray.address` joins a running cluster (default: a local instance with
+    `ray.local_cpus` CPUs)."""
     try:
         import ray
     except ImportError as e:
         raise SweepError("--launcher ray needs Ray: pip install 'clipkit[ray]'") from e
     options: Dict[str, Any] = dict(cfg.ray)
     address = options.pop("address", None)
+    local_cpus = options.pop("local_cpus", None)  # CPUs of a local instance started here (default: all)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="error",
-                 num_cpus=options.pop("local_cpus", None) if address is None else None)
+                 num_cpus=local_cpus if address is None else None)
     try:
         if "num_gpus" not in options:
             options["num_gpus"] = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
