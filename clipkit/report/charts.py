@@ -157,13 +157,15 @@ def curve_charts(runs: Sequence[Run]) -> List[Chart]:
 
 
 def recall_chart(classnames: Sequence[str], matrix: Sequence[Sequence[int]], title: str) -> Chart:
-    """Horizontal bars of per-class recall (diagonal / row sum), worst class at the top."""
-    recalls = [(row[i] / sum(row) if sum(row) else float("nan"), name)
-               for i, (row, name) in enumerate(zip(matrix, classnames))]
-    recalls.sort(key=lambda x: (-1 if math.isnan(x[0]) else x[0]))
+    """Horizontal bars of per-class recall (diagonal / row sum), worst class at the top; classes without images
+    (no recall) are left out and counted in the title."""
+    recalls = sorted((row[i] / sum(row), name) for i, (row, name) in enumerate(zip(matrix, classnames)) if sum(row))
+    absent = len(classnames) - len(recalls)
+    if absent:
+        title = f"{title} ({absent} classes without images left out)"
     fig, ax = _figure(6.0, max(2.0, 0.25 * len(recalls) + 1.0))
     ax.set_xlabel("recall (%)")
-    ax.barh(range(len(recalls)), [0 if math.isnan(v) else 100 * v for v, _ in recalls], color=COLORS[0])
+    ax.barh(range(len(recalls)), [100 * v for v, _ in recalls], color=COLORS[0])
     ax.set_yticks(range(len(recalls)), labels=[n for _, n in recalls], fontsize=7)
     ax.set_xlim(0, 100)
     ax.invert_yaxis()
