@@ -4,6 +4,11 @@
     python bench/loss_memory.py --sizes 4096 --chunk-sizes 0,512,1024,2048   # a K sweep (0 = clipkit unchunked)
     python bench/loss_memory.py --sizes 1024 --repeats 1                     # smoke run, seconds
     python bench/loss_memory.py --device cuda --dtype bfloat16 --sizes 16384,65536 --chunk-sizes 1024,8192
+    python bench/loss_memory.py --sizes 1024 --queue 65536 --chunk-sizes 0,1024   # MoCo/ALBEF queue, issue 11
+
+--queue K adds an image queue and a text queue of K features each (constants, part of the baseline memory) as extra
+columns: B rows against B + K columns per direction. open_clip has no queue, so the reference is then the way MoCo
+and ALBEF compute it: plain PyTorch cross-entropy over the materialised [B, B + K] logits ("concat CE").
 
 Memory: every (implementation, B) runs in a fresh subprocess, so no allocator cache or earlier peak leaks in. RSS
 right after the inputs exist is the baseline; the kernel's peak-RSS counter of the process is then reset
@@ -55,19 +60,40 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _loss_fn(chunk_size: int | None):
-    """chunk_size None: open_clip's ClipLoss; 0: clipkit unchunked; K: clipkit chunked."""
+def _concat_ce(image, text, scale, image_queue, text_queue):
+    """MoCo / ALBEF's queue loss: cross-entropy over [B, B + K] logits, batch columns then the queue's."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = torch.arange(image.shape[0], device=image.device)
+    return 0.5 * (
+        F.cross_entropy(scale * image @ torch.cat([text, text_queue]).T, labels)
+        + F.cross_entropy(scale * text @ torch.cat([image, image_queue]).T, labels)
+    )
+
+
+def _loss_fn(chunk_size: int | None, queue: int = 0):
+    """chunk_size None: open_clip's ClipLoss (with a queue: concat CE); 0: clipkit unchunked; K: clipkit chunked.
+
+    Returns fn(image, text, scale, queues) with queues () or (image_queue, text_queue)."""
+    if chunk_size is None and queue:
+        return lambda image, text, scale, queues: _concat_ce(image, text, scale, *queues)
     if chunk_size is None:
         from open_clip.loss import ClipLoss
 
-        return ClipLoss()
+        clip_loss = ClipLoss()
+        return lambda image, text, scale, queues: clip_loss(image, text, scale)
     from clipkit.losses import ContrastiveLoss
 
-    return ContrastiveLoss(chunk_size=chunk_size or None)
+    loss = ContrastiveLoss(chunk_size=chunk_size or None)
+    if not queue:
+        return lambda image, text, scale, queues: loss(image, text, scale)
+    return lambda image, text, scale, queues: loss(image, text, scale, image_queue=queues[0], text_queue=queues[1])
 
 
 def _inputs(setup: dict):
-    """[B, D] image and text features (L2-normalised, requiring grad) and a log temperature, on setup's device."""
+    """[B, D] image and text features (L2-normalised, requiring grad), a log temperature and the queues ([K, D]
+    image and text features without grad, or () without --queue), on setup's device."""
     import torch
     import torch.nn.functional as F
 
@@ -76,10 +102,15 @@ def _inputs(setup: dict):
     features = [F.normalize(torch.randn(setup["batch"], setup["dim"], generator=gen), dim=-1) for _ in range(2)]
     image, text = (f.to(setup["device"], dtype).requires_grad_() for f in features)
     log_scale = torch.tensor([math.log(1 / 0.07)], device=setup["device"], requires_grad=True)  # CLIP's initial
-    return image, text, log_scale
+    queue = setup.get("queue", 0)
+    queues = tuple(
+        F.normalize(torch.randn(queue, setup["dim"], generator=gen), dim=-1).to(setup["device"], dtype)
+        for _ in range(2 if queue else 0)
+    )
+    return image, text, log_scale, queues
 
 
-def _step(loss_fn, image, text, log_scale) -> tuple[float, float, float]:
+def _step(loss_fn, image, text, log_scale, queues) -> tuple[float, float, float]:
     """One forward + backward as in training (scale exponentiated inside); returns (wall s, process CPU s, loss)."""
     import torch
 
@@ -89,7 +120,7 @@ def _step(loss_fn, image, text, log_scale) -> tuple[float, float, float]:
     start, cpu_start = time.perf_counter(), time.process_time()
     # Low-precision features come from a model under autocast; open_clip needs it to mix them with the fp32 scale.
     with torch.autocast(image.device.type, dtype=image.dtype, enabled=image.dtype != torch.float32):
-        loss = loss_fn(image, text, log_scale.exp())
+        loss = loss_fn(image, text, log_scale.exp(), queues)
     loss.backward()
     if image.is_cuda:
         torch.cuda.synchronize()
@@ -98,10 +129,19 @@ def _step(loss_fn, image, text, log_scale) -> tuple[float, float, float]:
     return elapsed, cpu, loss.item()
 
 
+def _set_threads(setup: dict) -> None:
+    import torch
+
+    if setup.get("threads"):
+        torch.set_num_threads(setup["threads"])
+
+
 def _memory_worker(chunk_size: int | None, setup: dict) -> dict:
     import torch
 
-    loss_fn = _loss_fn(chunk_size)
+    _set_threads(setup)
+
+    loss_fn = _loss_fn(chunk_size, setup.get("queue", 0))
     inputs = _inputs(setup)
     if setup["device"] == "cuda":
         torch.cuda.synchronize()
@@ -119,8 +159,10 @@ def _memory_worker(chunk_size: int | None, setup: dict) -> dict:
 def _time_worker(chunk_sizes: list[int | None], setup: dict, repeats: int) -> dict:
     import torch
 
+    _set_threads(setup)
+
     inputs = _inputs(setup)
-    loss_fns = [_loss_fn(k) for k in chunk_sizes]
+    loss_fns = [_loss_fn(k, setup.get("queue", 0)) for k in chunk_sizes]
     losses = [_step(fn, *inputs)[-1] for fn in loss_fns]  # warm-up
     times: list[list[float]] = [[] for _ in loss_fns]
     cpu_times: list[list[float]] = [[] for _ in loss_fns]
@@ -158,29 +200,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward rounds after the warm-up")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="feature dtype")
-    parser.add_argument("--calibration", default=None, help="also write the measured memory into this planner "
-                                                            "calibration file (clipkit/plan/calibration.py)")
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="also write the measured memory into this planner calibration file (clipkit/plan/calibration.py)",
+    )
+    parser.add_argument("--queue", type=int, default=0, help="K: image and text queues of K features (0 = none)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per worker (0 = torch's default; 1 avoids spin-waits "
+        "for descheduled threads on a shared machine)",
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     impls: list[int | None] = [None] + [int(k) for k in args.chunk_sizes.split(",")]
-    names = ["open_clip ClipLoss"] + [f"clipkit K={k}" if k else "clipkit unchunked" for k in impls[1:]]
+    reference = f"concat CE, queue {args.queue}" if args.queue else "open_clip ClipLoss"
+    names = [reference] + [f"clipkit K={k}" if k else "clipkit unchunked" for k in impls[1:]]
+    ref = "concat_CE" if args.queue else "open_clip"
 
     print(
-        "| B | implementation | extra peak RSS | fwd+bwd wall, best (median) | CPU time | mem ours/open_clip "
-        "| wall open_clip/ours | CPU open_clip/ours |"
+        f"| B | implementation | extra peak RSS | fwd+bwd wall, best (median) | CPU time | mem ours/{ref} "
+        f"| wall {ref}/ours | CPU {ref}/ours |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     measured: list[dict] = []
     for batch in sizes:
-        setup = {"batch": batch, "dim": args.dim, "device": args.device, "dtype": args.dtype}
+        setup = {
+            "batch": batch,
+            "dim": args.dim,
+            "device": args.device,
+            "dtype": args.dtype,
+            "queue": args.queue,
+            "threads": args.threads,
+        }
         memory = [_run_worker("memory", k, setup) for k in impls]
-        measured += [{"batch": batch, "chunk_size": k, "implementation": n, "extra_bytes": m["extra_bytes"]}
-                     for k, n, m in zip(impls, names, memory)]
+        measured += [
+            {"batch": batch, "chunk_size": k, "implementation": n, "extra_bytes": m["extra_bytes"]}
+            for k, n, m in zip(impls, names, memory)
+        ]
         timing = _run_worker("time", impls, setup, args.repeats)
         # Same inputs everywhere: a wrong loss shows up here before anyone reads the numbers.
         for loss in [m["loss"] for m in memory] + timing["loss"]:
             if not math.isclose(loss, memory[0]["loss"], rel_tol=1e-4 if args.dtype == "float32" else 1e-2):
-                raise SystemExit(f"loss mismatch at B={batch}: {loss} vs open_clip {memory[0]['loss']}")
+                raise SystemExit(f"loss mismatch at B={batch}: {loss} vs {reference} {memory[0]['loss']}")
         ref_mem, ref_wall, ref_cpu = memory[0]["extra_bytes"], timing["best_s"][0], timing["cpu_s"][0]
         for i, name in enumerate(names):
             mem, wall, median, cpu = (
@@ -195,14 +259,24 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     where = f"CPU, torch threads={timing['threads']}" if args.device == "cpu" else timing["device_name"]
-    print(f"\nD={args.dim}, {args.dtype}, {where}, torch {timing['torch']}, best of {args.repeats} rounds")
+    queue = f", queue K={args.queue} (image and text)" if args.queue else ""
+    print(f"\nD={args.dim}{queue}, {args.dtype}, {where}, torch {timing['torch']}, best of {args.repeats} rounds")
     if not all(m["peak_reset"] for m in memory):
         print("note: /proc/self/clear_refs not writable: peaks are lifetime peaks (over-state the extra memory)")
     if args.calibration:
         from clipkit.plan.calibration import write_section
 
-        write_section(args.calibration, "loss_memory", {"dim": args.dim, "dtype": args.dtype, "device": args.device,
-                                                        "threads": timing["threads"], "rows": measured})
+        write_section(
+            args.calibration,
+            "loss_memory",
+            {
+                "dim": args.dim,
+                "dtype": args.dtype,
+                "device": args.device,
+                "threads": timing["threads"],
+                "rows": measured,
+            },
+        )
         print(f"wrote loss_memory to {args.calibration}")
 
 
