@@ -103,6 +103,11 @@ def test_resume_refuses_a_changed_shard_list_or_seed(four_shards, tmp_path):
     seed = run_train(args(f"{four_shards}/{{00000..00003}}.tar", out, 4, "--workers", "0", "--resume", "auto",
                           "--seed", "1"), check=False)
     assert seed.returncode == 5 and "--seed: checkpoint has 0, this run has 1" in seed.stderr, seed.stderr[-2000:]
+    import shutil  # the same shards in another directory: the fingerprint holds names, not paths
+
+    moved = shutil.copytree(four_shards, tmp_path / "moved")
+    run_train(args(f"{moved}/{{00000..00003}}.tar", out, 4, "--workers", "0", "--resume", "auto"))
+    assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
 def test_zeroshot_is_logged_whenever_it_is_computed(four_shards, tmp_path):
