@@ -11,6 +11,7 @@ requests/s, p50/p99 latency and errors per scenario and concurrency, and each se
 The peer is clip-back 2.45 from its own venv (its pins: open-clip-torch<3, numpy<2):
     python3 -m venv .venv-peers-clipretrieval
     .venv-peers-clipretrieval/bin/pip install torch==2.14.1 torchvision==0.29.1 clip-retrieval==2.45.0
+    .venv-peers-clipretrieval/bin/pip install "setuptools<70"   # its clip-anytorch imports pkg_resources
 It reads our index directory as it is (image.index, text.index, metadata/*.parquet are clip-retrieval's names) and
 loads our weights through open_clip 2.x with our model config registered; it has no embeddings API (its #194), so it
 runs the /knn-service scenarios only. Flask's threaded dev server is what clip-back runs; it is bound to 127.0.0.1.
@@ -154,6 +155,9 @@ def png_b64() -> str:
 def run_scenarios(name: str, base: str, proc: subprocess.Popen, scenarios: dict, concurrency, seconds) -> dict:
     out = {"rss_start_mib": rss_mib(proc.pid), "results": {}}
     for scenario, (path, body) in scenarios.items():
+        if path == "/knn-service":  # the answer itself, to check both servers find the same neighbours
+            out.setdefault("top_ids", {})[scenario] = [x["id"] for x in requests.post(base + path,
+                                                                                      json=body).json()]
         load(base + path, body, 2, 1.0)  # warm-up
         for c in concurrency:
             r = load(base + path, body, c, seconds)
@@ -224,6 +228,9 @@ def main() -> None:
                                                  args.concurrency, args.seconds)
         finally:
             stop(peer)
+        for scenario, ids in results["clip-back"]["top_ids"].items():
+            same = ids == results["clipkit"]["top_ids"][scenario]
+            print(f"{scenario}: same top-{len(ids)} ids from both servers: {same}")
         print("\nratio clipkit / clip-back (requests/s):")
         for key, r in results["clip-back"]["results"].items():
             mine = results["clipkit"]["results"][key]
