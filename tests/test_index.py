@@ -241,3 +241,36 @@ def test_store_rows_and_chunks_agree(embedded):
     with pytest.raises(IndexError):
         store.rows("image", [36])
     assert json.loads((embedded / "embeddings.json").read_text())["parts"][1]["first_id"] == 12
+
+
+def test_exact_topk_is_brute_force_in_order(tmp_path):
+    from clipkit.index.store import EmbeddingStore, exact_topk
+
+    out = _random_dir(tmp_path / "r", 3000, 16)
+    store = EmbeddingStore(out)
+    queries = store.rows("text", [0, 5, 2999])
+    scores, ids = exact_topk(store, "image", queries, 7)
+    ref = queries.astype(np.float64) @ store.all("image").astype(np.float64).T
+    np.testing.assert_array_equal(ids, np.argsort(-ref, axis=1, kind="stable")[:, :7])
+    np.testing.assert_allclose(scores, np.sort(ref, axis=1)[:, ::-1][:, :7], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_umap_map_is_stored_beside_the_index(tmp_path):
+    from clipkit.index.projection import read_map, write_map
+
+    out = _random_dir(tmp_path / "m", 400, 16)
+    info = write_map(out, "umap")
+    xy, stored = read_map(out)
+    assert info["method"] == stored["method"] == "umap" and xy.shape == (400, 2) and xy.dtype == np.float32
+    assert xy.min() >= 0 and xy.max() <= 1
+    # neighbours in the embedding space stay near on the map: each point's nearest map neighbour is among its
+    # 10 nearest embeddings far more often than chance (10/399)
+    from clipkit.index.store import EmbeddingStore
+
+    emb = EmbeddingStore(out).all("image")
+    near = np.argsort(-(emb @ emb.T), axis=1)[:, 1:11]
+    d = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    hits = np.mean([d[i].argmin() in near[i] for i in range(400)])
+    assert hits > 0.3
