@@ -29,4 +29,4 @@ async def metrics(request: Request) -> Response:
 async def health(request: Request) -> Health:
     svc = request.app.state.service
     return Health(index=svc.index.name, count=svc.count, dim=svc.encoder.dim, model_fingerprint=svc.encoder.fingerprint,
-                  backend=svc.encoder.backend)
+                  backend=svc.encoder.backend, auth_required=svc.config.api_key is not None)

@@ -144,3 +144,4 @@ class Health(BaseModel):
     dim: int
     model_fingerprint: str
     backend: str  # torch | onnxruntime
+    auth_required: bool  # whether the API routes need `Authorization: Bearer KEY`
