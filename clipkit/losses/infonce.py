@@ -89,21 +89,27 @@ def _negatives_plain(rows, cols, queue, extra_logits, logit_scale, row_ids, col_
         logits = torch.cat([logits, _logits(rows, queue, scale)], dim=1)
         ids = None if col_ids is None else torch.cat([col_ids, queue_ids])
     index = torch.arange(rows.shape[0], device=rows.device)
-    positives = logits[index, offset + index]
-    negative = torch.ones_like(logits, dtype=torch.bool)
-    negative[index, offset + index] = False
-    if ids is not None:
-        negative &= ids[None, :] != row_ids[:, None]
     if extra_logits is not None:
         logits = torch.cat([logits, extra_logits], dim=1)
-        negative = torch.cat([negative, torch.isfinite(extra_logits)], dim=1)
+    duplicate = None
+    if ids is not None:
+        duplicate = duplicate_caption_mask(row_ids, ids, offset)
+        if extra_logits is not None:
+            duplicate = torch.cat([duplicate, torch.zeros_like(extra_logits, dtype=torch.bool)], dim=1)
+    if not beta:  # InfoNCE over the columns left: cross-entropy, with duplicates (and excluded extras) at -inf
+        if duplicate is not None:
+            logits = logits.masked_fill(duplicate, float("-inf"))
+        return F.cross_entropy(logits, offset + index)
+    positives = logits[index, offset + index]
+    negative = torch.isfinite(logits)
+    negative[index, offset + index] = False
+    if duplicate is not None:
+        negative &= ~duplicate
     count = negative.sum(dim=1)
     # A row with no negative left gets finite stand-ins (its S is -inf below): keeps logsumexp's gradient finite.
     negatives = logits.masked_fill(~negative, float("-inf")).masked_fill((count == 0)[:, None], 0.0)
-    log_weighted = torch.logsumexp((1.0 + beta) * negatives, dim=1)
-    if beta:
-        log_weighted = count.to(logits.dtype).log() + log_weighted - torch.logsumexp(beta * negatives, dim=1)
-    log_weighted = torch.where(count > 0, log_weighted, float("-inf"))
+    log_weighted = count.to(logits.dtype).log() + torch.logsumexp((1.0 + beta) * negatives, dim=1)
+    log_weighted = torch.where(count > 0, log_weighted - torch.logsumexp(beta * negatives, dim=1), float("-inf"))
     return (torch.logaddexp(positives, log_weighted) - positives).mean()
 
 
