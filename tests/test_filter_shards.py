@@ -290,3 +290,13 @@ def test_scoring_under_accelerate_launch_and_writing_on_ray_match_one_process(sw
                         "--distributor", "ray", "--workers", "1"]) == 0
     for shard in sorted((tmp_path / "one").glob("*.tar")):
         assert (ray_out / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_a_broken_input_tar_is_one_error_line(tmp_path, capsys):
+    _rule_shard(tmp_path / "00000.tar")
+    data = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(data[:1500])  # cut inside the second member
+    assert filter_main(["--input", str(tmp_path / "00000.tar"), "--output", str(tmp_path / "out"),
+                        "--min-caption-words", "2", "--no-progress", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unreadable tar" in err and "00000.tar" in err

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipkit.data_prep.filter.config import FilterError
 from clipkit.data_prep.filter.read import HashingReader, TarSample, iter_samples
 from clipkit.data_prep.writer import read_json, write_json
 from clipkit.images import ImageRejected, decode_image, probe_image
@@ -137,7 +138,7 @@ def score_shard(path: str, scores_dir: str, scorer: Scorer | None, model_id: Dic
                     flush()
             flush()
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise RuntimeError(f"{path}: unreadable tar ({e}); fix or leave out this shard") from e
+            raise FilterError(f"{path}: unreadable tar ({e}); fix or leave out this shard") from e
         sha256 = reader.finish()
     paths = scores_paths(scores_dir, shard_name(path))
     table = pa.table({name: pa.array([r[name] for r in rows], dtype) for name, dtype in SCORE_FIELDS})
@@ -152,8 +153,6 @@ def score_shard(path: str, scores_dir: str, scorer: Scorer | None, model_id: Dic
 
 def read_scores(scores_dir: str, path: str) -> tuple:
     """(rows as dicts, meta) of one input shard's scores; raises FilterError when missing or stale."""
-    from clipkit.data_prep.filter.config import FilterError
-
     paths = scores_paths(scores_dir, shard_name(path))
     meta = read_json(paths["meta"])
     if not meta or not os.path.exists(paths["parquet"]):
