@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check clipkit data_prep train eval tests bench
+	$(BIN)/ruff check clipkit data_prep train eval index serve tests bench
 
 clean:
 	rm -rf demo_out .pytest_cache
