@@ -10,7 +10,6 @@ open_clip's pretrained checkpoints use.
 """
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -19,13 +18,12 @@ import open_clip
 import torch
 from torch import nn
 
+from clipkit.hf_text import HF_TOWER_FILES, export_tower, local_tower_view, stage_tower
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
-HF_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "config.json",
-    "merges.txt", "vocab.json", "spiece.model",
-)
+HF_TOKENIZER_FILES = HF_TOWER_FILES  # what final/ carries of an HF text tower (config + tokenizer)
 
 _registered = False
 
@@ -113,6 +111,9 @@ def create_model(
         lock_image: bool = False,
         lock_image_unlocked_groups: int = 0,
         lock_image_freeze_bn_stats: bool = False,
+        init_logit_scale: float | None = None,
+        hf_text_model_id: str | None = None,
+        frozen_text_dropout: bool = True,
 ):
     """Builds a trainable open_clip model from a config name or JSON path.
 
@@ -120,37 +121,71 @@ def create_model(
     parameter initialised to ln(1/0.07); with `siglip`, a `logit_bias` initialised to -10 and logit_scale to ln(10)
     (the SigLIP paper's init). `lock_text` freezes the whole text tower except its projection; `lock_image` freezes
     the image tower but for its last `lock_image_unlocked_groups` layer groups (open_clip's `lock_image_tower`; LiT,
-    Zhai et al. 2022, is `lock_image` with pretrained image weights).
-    """
-    name, cfg = resolve_model_config(model, hf_text_model)
-    if open_clip.get_model_config(name) != cfg:
-        import tempfile
+    Zhai et al. 2022, is `lock_image` with pretrained image weights). `init_logit_scale` replaces the initial
+    logit_scale (ln(1 / temperature)).
 
-        name = _register_config(name, cfg, Path(config_dir or tempfile.mkdtemp(prefix="clipkit_cfg_")))
+    `hf_text_model`: the tower is built from a Hugging Face cache entry of its hub id (`hf_text_model_id`, or
+    inferred: `clipkit.hf_text.hub_id_of`) staged in `config_dir/hf_cache` as symlinks to that directory, so the
+    returned `model_cfg` names the hub id in its path and `export_open_clip` records the id, not this machine's path.
+    `frozen_text_dropout` (with `lock_text`): False pins the frozen tower in eval mode (no dropout, whatever
+    `model.train()` is called); True lets it follow the model's mode.
+    """
+    import tempfile
+
+    name, cfg = resolve_model_config(model, hf_text_model)
+    config_dir = Path(config_dir) if config_dir else None
+    if hf_text_model:
+        config_dir = config_dir or Path(tempfile.mkdtemp(prefix="clipkit_cfg_"))
+        staged = str(stage_tower(hf_text_model, config_dir / "hf_cache", hf_text_model_id))
+        cfg["text_cfg"] = {**cfg["text_cfg"], "hf_model_name": staged, "hf_tokenizer_name": staged}
+    if open_clip.get_model_config(name) != cfg:
+        name = _register_config(name, cfg, config_dir or Path(tempfile.mkdtemp(prefix="clipkit_cfg_")))
     kwargs = dict(nonscalar_logit_scale=True)
     if siglip:
         kwargs.update(init_logit_scale=torch.log(torch.tensor(10.0)).item(), init_logit_bias=-10.0)
+    if init_logit_scale is not None:
+        kwargs["init_logit_scale"] = init_logit_scale
     net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, output_dict=True, **kwargs)
     if lock_text:
-        lock_text_tower(net)
+        lock_text_tower(net, dropout=frozen_text_dropout)
     if lock_image:
         net.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=lock_image_freeze_bn_stats)
     tokenizer = open_clip.get_tokenizer(name)
     return net, cfg, preprocess_train, preprocess_val, tokenizer
 
 
-def lock_text_tower(net: nn.Module) -> None:
+def lock_text_tower(net: nn.Module, dropout: bool = True) -> None:
     """Freezes the text tower (for a pretrained one); the text projection stays trainable so the towers can still
-    align."""
+    align. `dropout=False` pins the frozen encoder in eval mode: `net.train()` leaves it in eval mode, so it sees each
+    caption the same way every time (open_clip_train leaves it in train mode: its dropout stays on)."""
     if hasattr(net, "text") and hasattr(net.text, "lock"):
         # CustomTextCLIP (HF or custom text tower): open_clip freezes the encoder, keeps the projection trainable.
         net.text.lock(unlocked_layers=0, freeze_layer_norm=True)
-        return
-    for name in ("transformer", "token_embedding", "ln_final"):
-        for p in getattr(net, name).parameters():
-            p.requires_grad = False
-    net.positional_embedding.requires_grad = False
+        frozen = [getattr(net.text, "transformer", None)]
+    else:
+        for name in ("transformer", "token_embedding", "ln_final"):
+            for p in getattr(net, name).parameters():
+                p.requires_grad = False
+        net.positional_embedding.requires_grad = False
+        frozen = [net.transformer, net.token_embedding, net.ln_final]
+    if not dropout:
+        for module in frozen:
+            if module is not None:
+                pin_eval_mode(module)
+
+
+def _train_in_eval_mode(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def pin_eval_mode(module: nn.Module) -> None:
+    """Puts `module` in eval mode and keeps it there: its `train(mode)` becomes `train(False)` (a bound method on the
+    instance, so deepcopies of the model, e.g. a momentum encoder, keep their own pinned copy)."""
+    import types
+
+    module.train = types.MethodType(_train_in_eval_mode, module)
+    module.eval()
 
 
 def preprocess_cfg_of(net: nn.Module) -> Dict[str, Any]:
@@ -178,26 +213,29 @@ def export_open_clip(
         out_dir: Path,
 ) -> Path:
     """Writes `open_clip_config.json` + `open_clip_model.safetensors` that
-    `open_clip.create_model_and_transforms("local-dir:OUT")` loads. For an HF text tower, its tokenizer files are copied
-    too (open_clip's local-dir tokenizer reads them from that directory)."""
+    `open_clip.create_model_and_transforms("local-dir:OUT")` loads. An HF text tower from a local directory is
+    recorded by its hub id, and its config and tokenizer files are copied into OUT (open_clip's local-dir tokenizer
+    reads them there) and into OUT/hf_cache in Hugging Face's cache layout (see `clipkit.hf_text`): OUT loads on any
+    machine, with `HF_HUB_CACHE=OUT/hf_cache HF_HUB_OFFLINE=1` offline."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(to_open_clip_state_dict(state_dict), str(out_dir / OPEN_CLIP_WEIGHTS))
+    model_cfg = export_tower(model_cfg, out_dir)
     with open(out_dir / OPEN_CLIP_CONFIG, "w", encoding="utf-8") as f:
         json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)
-    hf_tok = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name")
-    if hf_tok and Path(hf_tok).is_dir():
-        for fname in HF_TOKENIZER_FILES:
-            if (Path(hf_tok) / fname).is_file():
-                shutil.copy2(Path(hf_tok) / fname, out_dir / fname)
     return out_dir
 
 
-def load_open_clip(path: str, device: str = "cpu"):
-    """Loads an exported model dir with open_clip itself: returns (model, preprocess_val, tokenizer)."""
-    spec = path if path.startswith("local-dir:") else f"local-dir:{path}"
-    net, _, preprocess_val = open_clip.create_model_and_transforms(spec, device=device)
-    tokenizer = open_clip.get_tokenizer(spec)
+def load_open_clip(path: str, device: Any = "cpu"):
+    """Loads an exported model dir with open_clip itself (its `local-dir:` loader): returns (model in eval mode,
+    preprocess_val, tokenizer). An HF text tower is built from the export's own copy of its config, wherever the
+    directory now lives and whatever the working directory (`clipkit.hf_text.local_tower_view`): no network, no
+    HF_HUB_CACHE needed."""
+    export = path[len("local-dir:"):] if path.startswith("local-dir:") else path
+    with local_tower_view(export) as view:
+        spec = f"local-dir:{view}"
+        net, _, preprocess_val = open_clip.create_model_and_transforms(spec, device=device)
+        tokenizer = open_clip.get_tokenizer(spec)
     return net.eval(), preprocess_val, tokenizer

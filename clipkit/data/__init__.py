@@ -6,6 +6,7 @@ from .wds import (
     REASONS,
     DataPosition,
     LoaderStalled,
+    SampleExtras,
     TrainLoader,
     build_train_loader,
     default_stall_samples,
@@ -14,6 +15,6 @@ from .wds import (
 )
 
 __all__ = [
-    "GOOD_REASONS", "REASONS", "DataPosition", "LoaderStalled", "TrainLoader", "build_train_loader", "count_samples",
-    "default_stall_samples", "epoch_pieces", "epoch_shard_order", "expand_urls", "shard_sizes",
+    "GOOD_REASONS", "REASONS", "DataPosition", "LoaderStalled", "SampleExtras", "TrainLoader", "build_train_loader",
+    "count_samples", "default_stall_samples", "epoch_pieces", "epoch_shard_order", "expand_urls", "shard_sizes",
 ]

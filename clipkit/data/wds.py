@@ -273,6 +273,24 @@ def seeded_augmentation(seed: int, restore: bool) -> Iterator[None]:
             torch.set_rng_state(saved[2])
 
 
+@dataclass(frozen=True)
+class SampleExtras:
+    """What the loader workers make per sample beyond (image, caption), for the recipes of issue 11; each is seeded
+    from the sample's augmentation seed, so a resumed worker makes the same ones.
+
+    views: a transform (PIL image -> uint8 [3, H, W]) applied twice with their own seeds: two augmented views of the
+        image for SLIP's image-image term (batch["views"]: uint8 [B, 2, 3, H, W]).
+    caption_negatives: structured negatives per caption (clipkit.data.caption_negatives; batch["neg_text"]: long
+        [B, N, L]), made from the caption itself.
+    """
+
+    views: Callable[[Any], torch.Tensor] | None = None
+    caption_negatives: int = 0
+
+    def __bool__(self) -> bool:
+        return self.views is not None or self.caption_negatives > 0
+
+
 class WorkerStreams(IterableDataset):
     """The per-logical-worker batch streams of one rank; `set_pass` chooses the epoch and where each worker starts."""
 
@@ -293,8 +311,10 @@ class WorkerStreams(IterableDataset):
         caption_max_chars: int = CAPTION_MAX_CHARS,
         sizes: Sequence[int] | None = None,
         stall_samples: int | None = None,
+        extras: SampleExtras | None = None,
     ):
         self.shards = list(shards)
+        self.extras = extras or SampleExtras()
         self.stall_samples = stall_samples or default_stall_samples(batch_size)
         self.sizes = list(sizes) if sizes is not None else None
         self.preprocess = preprocess
@@ -345,8 +365,9 @@ class WorkerStreams(IterableDataset):
         rng = random.Random(mix_seed("shuffle_buffer", self.seed, self.epoch, slot))
         return shuffle_buffer(raw, self.shuffle_buffer, rng)
 
-    def decode(self, raw: RawSample, augment_seed: int) -> Tuple[torch.Tensor, str]:
-        """(image tensor, caption) of a raw sample, or SampleSkipped(reason). The caption is checked first: cheap."""
+    def decode(self, raw: RawSample, augment_seed: int) -> Tuple[torch.Tensor, str, Dict[str, Any]]:
+        """(image tensor, caption, extras) of a raw sample, or SampleSkipped(reason). The caption is checked first:
+        cheap. extras: "views" ([2, 3, H, W] uint8) and "negatives" (list of str) as `self.extras` asks."""
         if ERROR_KEY in raw:
             raise SampleSkipped(raw[ERROR_KEY])
         data = sample_image_bytes(raw)
@@ -356,8 +377,22 @@ class WorkerStreams(IterableDataset):
         except ImageRejected as e:
             shard_warnings.warn(e.reason, f"{raw.get('__url__')} {raw.get('__key__')}: {e}")
             raise SampleSkipped(e.reason) from e
-        with seeded_augmentation(augment_seed, restore=get_worker_info() is None):
-            return self.preprocess(image), caption
+        restore = get_worker_info() is None
+        with seeded_augmentation(augment_seed, restore=restore):
+            tensor = self.preprocess(image)
+        extras: Dict[str, Any] = {}
+        if self.extras.views is not None:
+            views = []
+            for v in (1, 2):
+                with seeded_augmentation(mix_seed("view", augment_seed, v), restore=restore):
+                    views.append(self.extras.views(image))
+            extras["views"] = torch.stack(views)
+        if self.extras.caption_negatives:
+            from .caption_negatives import caption_negatives
+
+            extras["negatives"] = caption_negatives(caption, self.extras.caption_negatives, augment_seed,
+                                                    raw["__key__"])
+        return tensor, caption, extras
 
     def logical_worker_batches(self, logical: int) -> Iterator[Dict[str, Any]]:
         """Batches of one logical worker, then (epoch mode) its end record: `image` None, `end` True, final counts."""
@@ -377,6 +412,7 @@ class WorkerStreams(IterableDataset):
         images: List[torch.Tensor] = []
         captions: List[str] = []
         keys: List[str] = []
+        extras: List[Dict[str, Any]] = []
         since_batch = 0
         for raw in stream:
             consumed += 1
@@ -386,7 +422,7 @@ class WorkerStreams(IterableDataset):
                        "epoch": self.epoch, "read": since_batch - 1}
                 return
             try:
-                image, caption = self.decode(raw, mix_seed("augment", self.seed, self.epoch, slot, consumed))
+                image, caption, extra = self.decode(raw, mix_seed("augment", self.seed, self.epoch, slot, consumed))
             except SampleSkipped as e:
                 counts[e.reason] = counts.get(e.reason, 0) + 1
                 continue
@@ -394,8 +430,9 @@ class WorkerStreams(IterableDataset):
             images.append(image)
             captions.append(caption)
             keys.append(raw["__key__"])
+            extras.append(extra)
             if len(images) == self.batch_size:
-                yield {
+                batch = {
                     "image": torch.stack(images),
                     "text": self.tokenizer(captions),
                     "worker": logical,
@@ -404,13 +441,24 @@ class WorkerStreams(IterableDataset):
                     "keys": keys,
                     "epoch": self.epoch,
                 }
-                images, captions, keys = [], [], []
+                yield self._with_extras(batch, extras)
+                images, captions, keys, extras = [], [], [], []
                 since_batch = 0
         # epoch mode (resampled streams never end): the last partial batch is dropped, and counted as such
         counts["ok"] -= len(images)
         counts["partial_batch"] += len(images)
         yield {"image": None, "end": True, "worker": logical, "consumed": consumed, "counts": counts,
                "epoch": self.epoch}
+
+
+    def _with_extras(self, batch: Dict[str, Any], extras: List[Dict[str, Any]]) -> Dict[str, Any]:
+        if self.extras.views is not None:
+            batch["views"] = torch.stack([e["views"] for e in extras])  # [B, 2, 3, H, W]
+        if self.extras.caption_negatives:
+            n = self.extras.caption_negatives
+            tokens = self.tokenizer([t for e in extras for t in e["negatives"]])
+            batch["neg_text"] = tokens.view(len(extras), n, -1)  # [B, N, L]
+        return batch
 
 
 class TrainLoader:
@@ -521,6 +569,7 @@ def build_train_loader(
     sizes: Sequence[int | None] | None = None,
     split: str = "auto",
     stall_samples: int | None = None,
+    extras: SampleExtras | None = None,
 ) -> TrainLoader:
     """A deterministic, exactly resumable loader of training batches for one rank.
 
@@ -539,6 +588,7 @@ def build_train_loader(
     split: "auto" (as just said), "samples" (sizes required: counted, remote shards included) or "shards".
     stall_samples: a worker that reads this many raw samples in a row without completing a batch makes iteration
         raise LoaderStalled (default max(10,000, 20 x batch_size)): a stream of only bad samples never ends otherwise.
+    extras: SampleExtras (SLIP views, caption negatives): extra batch fields "views" and "neg_text".
     Yields dicts: image [B, 3, H, W] float, text [B, L] long, worker (logical id), consumed, counts (see
     DataPosition), keys (list of B sample keys), epoch.
     """
@@ -570,7 +620,7 @@ def build_train_loader(
     streams = WorkerStreams(
         shards, preprocess, tokenizer, batch_size=batch_size, num_workers=num_workers, seed=seed, rank=rank,
         world_size=world_size, resampled=resampled, shuffle_buffer=shuffle_buffer, max_pixels=max_pixels,
-        caption_max_chars=caption_max_chars, sizes=known, stall_samples=stall_samples,
+        caption_max_chars=caption_max_chars, sizes=known, stall_samples=stall_samples, extras=extras,
     )
     return TrainLoader(
         streams, num_workers=num_workers, world_size=world_size, position=position,

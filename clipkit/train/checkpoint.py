@@ -100,6 +100,12 @@ def verify_pickles(path: Path) -> None:
                     f"(it holds objects outside the allowlist, possibly a code-execution payload): {e}") from e
 
 
+def recipe_flags(cfg) -> Dict[str, Any]:
+    from clipkit.train.recipe import recipe_flags as flags
+
+    return flags(cfg)
+
+
 def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int, shards: List[str],
                 sizes: List[int | None] | None = None) -> Dict[str, Any]:
     """What a checkpoint must share with the run that resumes it for the resume to be exact.
@@ -108,10 +114,17 @@ def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int, shards: List[st
     the file names in order, so a moved dataset directory still resumes, and their sample count, which the epoch's
     split over workers depends on), the seed, the shuffle buffer, resampled
     mode and its epoch size, and the image-pixel cap (it decides which samples are skipped)."""
+    from clipkit.hf_text import portable_model_cfg
+
     names = "\n".join(os.path.basename(s.rstrip("/")) for s in shards)
     known = sizes is not None and all(n is not None for n in sizes)
     samples = f"{sum(sizes):,} samples" if known else "unknown sample count"
+    # An HF text tower counts by its hub id, not by where it is installed: a run dir moved to another machine resumes.
+    model_cfg = portable_model_cfg(model_cfg, getattr(cfg, "hf_text_model_id", None))
+    # dropout on or off in a frozen text tower changes the losses (only runs with --lock-text carry the key)
+    text = {"frozen_text_dropout": cfg.frozen_text_dropout} if getattr(cfg, "lock_text", False) else {}
     return {
+        **text,
         "model_cfg": model_cfg,
         "loss": cfg.loss,
         "batch_size": cfg.batch_size,
@@ -128,6 +141,7 @@ def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int, shards: List[st
             "--train-num-samples": cfg.train_num_samples if cfg.resampled else None,
             "--max-image-pixels": cfg.max_image_pixels,
         },
+        "recipe": recipe_flags(cfg),
     }
 
 
@@ -140,7 +154,7 @@ def _differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
             diffs.append("model config differs (checkpoint: "
                          f"{json.dumps(saved.get(key), sort_keys=True)[:300]}, this run: "
                          f"{json.dumps(current.get(key), sort_keys=True)[:300]})")
-        elif key == "data" and isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
+        elif key in ("data", "recipe") and isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
             a, b = saved[key], current[key]
             diffs += [f"{flag}: checkpoint has {a.get(flag)!r}, this run has {b.get(flag)!r}"
                       for flag in sorted(set(a) | set(b)) if a.get(flag) != b.get(flag)]
@@ -189,9 +203,11 @@ def read_state(path: Path, expected_fingerprint: Dict[str, Any]) -> Dict[str, An
 
 
 def save(accelerator, output_dir, step: int, state: Dict[str, Any], config_yaml: str, keep_last: int,
-         before_complete: Callable[[int], None] | None = None) -> Path:
+         before_complete: Callable[[int], None] | None = None,
+         write_extra: Callable[[Path], None] | None = None) -> Path:
     """Writes a checkpoint on all ranks; marks it complete last; prunes to the newest `keep_last` complete ones.
-    `before_complete(step)` runs on rank 0 right before the marker is written (tests' fault injection)."""
+    `before_complete(step)` runs on rank 0 right before the marker is written (tests' fault injection);
+    `write_extra(dir)` on rank 0 writes state that is the same on every rank (the recipe's queue and momentum)."""
     path = checkpoint_path(output_dir, step)
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a leftover from a run that died while writing this very step
@@ -200,6 +216,8 @@ def save(accelerator, output_dir, step: int, state: Dict[str, Any], config_yaml:
     if accelerator.is_main_process:
         _write_atomic(path / STATE_FILE, json.dumps(state, indent=2))
         _write_atomic(path / "config.yaml", config_yaml)
+        if write_extra is not None:
+            write_extra(path)
     dist.barrier()
     if accelerator.is_main_process:
         if before_complete is not None:

@@ -28,6 +28,13 @@ class TrainConfig:
     hf_text_model: str | None = _f(None, "local Hugging Face model dir used as the text tower (e.g. all-MiniLM-L6-v2)")
     lock_text: bool = _f(False, "freeze the text tower (its projection stays trainable): for a pretrained text tower "
                                 "such as --hf-text-model; the reverse of LiT, which locks the image tower")
+    hf_text_model_id: str | None = _f(None, "hub id final/ records for --hf-text-model (ORG/NAME, e.g. "
+                                            "sentence-transformers/all-MiniLM-L6-v2; default: the id the dir's model "
+                                            "card loads, else config.json's _name_or_path): final/ then loads on any "
+                                            "machine, see README 'Pretrained text towers'")
+    frozen_text_dropout: bool = _f(True, "with --lock-text: the frozen tower trains in train mode, its dropout on "
+                                         "(as open_clip_train); --no-frozen-text-dropout pins it in eval mode. The "
+                                         "exported model is in eval mode either way")
     lock_image: bool = _f(False, "LiT (Zhai et al. 2022): freeze the image tower (open_clip's lock_image_tower), train "
                                  "the text tower; use with --pretrained weights or a pretrained timm tower")
     lock_image_unlocked_groups: int = _f(0, "with --lock-image: leave this many last layer groups of the image tower "
@@ -66,6 +73,26 @@ class TrainConfig:
     grad_clip: float | None = _f(1.0, "clip the global gradient norm (None = off)")
     loss: str = _f("clip", "clip (symmetric InfoNCE) or siglip", choices=("clip", "siglip"))
     loss_chunk_size: int | None = _f(None, "memory-efficient InfoNCE: logits computed in row chunks of this size")
+    # negatives beyond the batch, image views (issue 11; README "Negatives beyond the batch")
+    queue_size: int = _f(0, "image and text queues of this many features each, extra negatives in both directions "
+                            "(MoCo/ALBEF; 0 = off)")
+    momentum: float | None = _f(None, "EMA momentum of the key encoder for the queue and distillation (default 0.995 "
+                                      "when either is on; 0 = the online model's detached features)")
+    distill_alpha: float = _f(0.0, "ALBEF's momentum distillation weight alpha (0 = off; ALBEF: 0.4)")
+    hard_negative_beta: float = _f(0.0, "HN-NCE's hard-negative weighting beta (0 = plain InfoNCE)")
+    caption_negatives: int = _f(0, "structured negatives per caption (word-order and attribute swaps), extra "
+                                   "image->text columns (NegCLIP; 0 = off)")
+    mask_duplicate_captions: bool = _f(False, "leave identical captions of other samples (same token ids) out of "
+                                              "the denominators, batch and queue")
+    aug_scale: str | None = _f(None, "RandomResizedCrop scale LO,HI (default: open_clip's 0.9,1.0; SimCLR: 0.08,1)")
+    color_jitter: float = _f(0.0, "probability of SimCLR's colour jitter (0.4, 0.4, 0.4, 0.1)")
+    grayscale: float = _f(0.0, "probability of a grayscale image")
+    blur: float = _f(0.0, "probability of a Gaussian blur")
+    image_ssl_weight: float = _f(0.0, "weight of SLIP's image-image SimCLR term on two augmented views (0 = off)")
+    ssl_temperature: float = _f(0.1, "temperature of the SimCLR term (SLIP: 0.1)")
+    temperature_init: float = _f(0.07, "initial temperature (logit_scale = ln(1 / T); CLIP: 0.07)")
+    fixed_temperature: bool = _f(False, "keep the temperature at --temperature-init (not learned)")
+    export_momentum: bool = _f(False, "final/ gets the momentum (EMA) model's weights instead of the online model's")
     precision: str = _f("fp32", "fp32 or bf16 (mixed precision via DeepSpeed/accelerate)", choices=("fp32", "bf16"))
     seed: int = _f(0, "random seed (model init, data order)")
     threads: int | None = _f(None, "intra-op CPU threads per process (default: OMP_NUM_THREADS if you set it, else "
@@ -128,9 +155,58 @@ class TrainConfig:
             raise ConfigError(f"--max-skip-rate must be in [0, 1], got {self.max_skip_rate}")
         if self.lock_image and self.lock_text:
             raise ConfigError("--lock-image and --lock-text together leave only the projections to train: pick one")
+        if self.hf_text_model_id is not None:
+            from clipkit.hf_text import check_hub_id
+
+            if not self.hf_text_model:
+                raise ConfigError("--hf-text-model-id names the hub id of --hf-text-model: pass --hf-text-model DIR "
+                                  "too")
+            try:
+                check_hub_id(self.hf_text_model_id)
+            except ValueError as e:
+                raise ConfigError(f"--hf-text-model-id: {e}") from e
+        self._validate_recipe()
         if self.zeroshot_every and not self.zeroshot_data:
             raise ConfigError("--zeroshot-every needs --zeroshot-data (a dataset spec, see eval/zeroshot.py)")
         return self
+
+    def _validate_recipe(self) -> None:
+        from clipkit.augment import parse_scale
+
+        if self.queue_size < 0 or self.caption_negatives < 0:
+            name = "queue_size" if self.queue_size < 0 else "caption_negatives"
+            raise ConfigError(f"{_flag(name)} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1) (0 = online features; MoCo/ALBEF: 0.995-0.999), got "
+                              f"{self.momentum}")
+        for name in ("distill_alpha", "color_jitter", "grayscale", "blur"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("hard_negative_beta", "image_ssl_weight"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{_flag(name)} must be a finite number >= 0 (0 = off), got {getattr(self, name)}")
+        for name in ("ssl_temperature", "temperature_init"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{_flag(name)} must be a finite number > 0, got {getattr(self, name)}")
+        try:
+            parse_scale(self.aug_scale)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if self.distill_alpha and self.momentum == 0:
+            raise ConfigError("--distill-alpha needs a momentum model: --momentum > 0 (or leave it at its default)")
+        if self.export_momentum and not (self.queue_size or self.distill_alpha) or (
+                self.export_momentum and self.momentum == 0):
+            raise ConfigError("--export-momentum needs a momentum model (--queue-size or --distill-alpha, with "
+                              "--momentum > 0)")
+        from clipkit.train.recipe import uses_recipe
+
+        if uses_recipe(self) and self.loss != "clip":
+            raise ConfigError("the queue, distillation, hard negatives, caption negatives, duplicate masking and the "
+                              "SSL term extend the InfoNCE loss: use them with --loss clip")
+        if uses_recipe(self) and self.grad_accum > 1:
+            raise ConfigError("--grad-accum > 1 does not combine with the queue, distillation, hard negatives, "
+                              "caption negatives, duplicate masking or the SSL term yet: raise --batch-size or add "
+                              "processes instead")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import torch
 
 from clipkit import distributed as dist
-from clipkit.data import GOOD_REASONS, REASONS, DataPosition, build_train_loader, count_samples
+from clipkit.data import GOOD_REASONS, REASONS, DataPosition, SampleExtras, build_train_loader, count_samples
 from clipkit.data import default_stall_samples as stall_samples
 from clipkit.losses import build_loss
 from clipkit.models import create_model, export_open_clip, preprocess_cfg_of
@@ -31,6 +31,7 @@ from clipkit.train.feed import EpochFeed, summed_status
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
 from clipkit.train.preflight import Preflight, preflight
+from clipkit.train.recipe import Recipe, attach_ssl_head, exportable, logit_scale_init, uses_recipe
 from clipkit.train.threads import apply_threads
 from clipkit.transforms import split_uint8
 
@@ -82,7 +83,10 @@ class Trainer:
             cfg.model, hf_text_model=cfg.hf_text_model, lock_text=cfg.lock_text, siglip=cfg.loss == "siglip",
             pretrained=cfg.pretrained, config_dir=self.out / "model_config", lock_image=cfg.lock_image,
             lock_image_unlocked_groups=cfg.lock_image_unlocked_groups,
-            lock_image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+            lock_image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats,
+            init_logit_scale=logit_scale_init(cfg) if cfg.loss == "clip" else None)  # SigLIP keeps its own init
+        if cfg.fixed_temperature:
+            model.logit_scale.requires_grad_(False)
         self.preprocess_cfg = preprocess_cfg_of(model)
         self.flops_per_sample = self._train_flops(model)
         if cfg.grad_checkpointing:
@@ -90,7 +94,8 @@ class Trainer:
         if cfg.compile:
             compile_towers(model)
         # workers send uint8 images; the last two steps of the transform run on the batch, on the device
-        self.loader_transform, self.normalize = split_uint8(self.preprocess_train)
+        self.loader_transform, self.normalize, self.extras = self._transforms()
+        attach_ssl_head(model, cfg, self.model_cfg["embed_dim"])
         optimizer = build_optimizer(model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
         scheduler = build_scheduler(optimizer, cfg.warmup, cfg.steps)
         # Frozen parameters have no fp32 master under DeepSpeed (bf16 casts the module): the export takes these.
@@ -98,7 +103,10 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.deepspeed = is_deepspeed(self.accelerator)
         self.zero3 = zero_stage(self.accelerator) == 3
-        self.loss_fn = build_loss(cfg.loss, cfg.loss_chunk_size)
+        self.loss_fn = build_loss(cfg.loss, cfg.loss_chunk_size, cfg.hard_negative_beta)
+        net = self.accelerator.unwrap_model(self.model)
+        self.recipe = Recipe(cfg, net, self.model_cfg["embed_dim"], self.accelerator.device) if uses_recipe(cfg) \
+            else None
         # DeepSpeed bf16 keeps the module's weights in bf16 and does not autocast: images must arrive in bf16 too
         # (float32 images meet bf16 conv weights otherwise). Without DeepSpeed, accelerate autocasts fp32 weights.
         self.image_dtype = torch.bfloat16 if self.deepspeed and cfg.precision == "bf16" else None
@@ -127,6 +135,8 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def _restore(self, path: Path, state: Dict[str, Any]) -> None:
         ckpt.load(self.accelerator, path)
+        if self.recipe is not None:
+            self.recipe.load(path)
         self.step = state["step"]
         # Each rank's own data state (checkpoints before per-rank states held rank 0's for every rank).
         mine = state["ranks"][self.rank] if "ranks" in state else state
@@ -167,7 +177,8 @@ class Trainer:
         import yaml
         return ckpt.save(self.accelerator, self.out, self.step, self._state(),
                          yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.keep_last,
-                         before_complete=self.faults.before_complete)
+                         before_complete=self.faults.before_complete,
+                         write_extra=self.recipe.save if self.recipe is not None else None)
 
     def _train_flops(self, model) -> int | None:
         """Training FLOPs per sample (3 x forward, torch's FLOP counter), for the tflops/mfu columns."""
@@ -180,6 +191,20 @@ class Trainer:
             log.warning("cannot count the model's FLOPs (%s): metrics.jsonl has no tflops/mfu", e)
             return None
 
+    def _transforms(self):
+        """(loader transform ending in uint8, DeviceNormalize or None, SampleExtras) for the loader workers."""
+        from clipkit.augment import AugmentSettings, parse_scale, simclr_settings, train_transform
+
+        cfg, size = self.cfg, self.model_cfg["vision_cfg"].get("image_size", 224)
+        settings = AugmentSettings(parse_scale(cfg.aug_scale), cfg.color_jitter, cfg.grayscale, cfg.blur)
+        transform = self.preprocess_train if settings.is_default else train_transform(size, self.preprocess_cfg,
+                                                                                        settings)
+        loader_transform, normalize = split_uint8(transform)
+        views = None
+        if cfg.image_ssl_weight:
+            views, _ = split_uint8(train_transform(size, self.preprocess_cfg, simclr_settings()))
+        return loader_transform, normalize, SampleExtras(views=views, caption_negatives=cfg.caption_negatives)
+
     # ---------------------------------------------------------------- data
     def _loader(self, position: DataPosition):
         cfg = self.cfg
@@ -188,7 +213,7 @@ class Trainer:
             batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed, rank=self.rank, world_size=self.world,
             resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, position=position,
             max_pixels=cfg.max_image_pixels, allow_unsafe_urls=cfg.allow_unsafe_urls, sizes=self.shard_sizes,
-            split=cfg.epoch_split,
+            split=cfg.epoch_split, extras=self.extras if self.extras else None,
             batches_per_epoch=self.steps_per_epoch * cfg.grad_accum if self.steps_per_epoch else None)
 
     def _skip_counts(self, position: DataPosition | None = None) -> Dict[str, int]:
@@ -253,12 +278,14 @@ class Trainer:
             images = self.normalize(images)
         return images.to(self.image_dtype) if self.image_dtype is not None else images
 
-    def _all_reduce_step(self, loss_value: torch.Tensor, data_status: List[float]) -> List[float]:
-        """The step's one collective: [non-finite flag, loss, *next step's data status] summed over ranks, read back
-        to the host once (the non-finite decision needs it there)."""
+    def _all_reduce_step(self, loss_value: torch.Tensor, terms: Dict[str, torch.Tensor],
+                         data_status: List[float]) -> List[float]:
+        """The step's one collective: [non-finite flag, loss, *loss terms, *next step's data status] summed over
+        ranks, read back to the host once (the non-finite decision needs it there)."""
         finite = torch.isfinite(loss_value)
-        head = torch.stack([(~finite).to(torch.float64), torch.where(finite, loss_value, 0).to(torch.float64)])
-        vector = torch.cat([head, torch.tensor(data_status, dtype=torch.float64, device=head.device)])
+        head = [(~finite).to(torch.float64), torch.where(finite, loss_value, 0).to(torch.float64)]
+        head += [t.reshape(()).to(torch.float64) for t in terms.values()]
+        vector = torch.cat([torch.stack(head), torch.tensor(data_status, dtype=torch.float64, device=finite.device)])
         return dist.all_reduce_sum(vector).tolist()
 
     def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
@@ -295,7 +322,14 @@ class Trainer:
         micro = [(self._images(b["image"]), b["text"].to(dev, non_blocking=True)) for b in batches]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         self.grad_norm = None
-        if ga == 1:
+        terms: Dict[str, torch.Tensor] = {}
+        if ga == 1 and self.recipe is not None:  # queue, distillation, negatives, views: one forward, more terms
+            images, texts = micro[0]
+            img, txt, scale, bias = model_outputs(model, *self.recipe.inputs(images, texts, batches[0],
+                                                                             self.normalize))
+            loss, terms = self.recipe.loss(acc.unwrap_model(model), self.loss_fn, images, texts, img, txt, scale)
+            loss_value = loss.detach().float()
+        elif ga == 1:
             img, txt, scale, bias = model_outputs(model, *micro[0])
             loss = self._loss(img, txt, scale, bias)
             loss_value = loss.detach().float()
@@ -307,9 +341,11 @@ class Trainer:
                 loss_value = self._loss(torch.cat(imgs), torch.cat(txts), cached[-1][2], cached[-1][3]).float()
         if self.faults.poison(self.step + 1, self.rank):
             loss_value = loss_value * float("nan")
-        reduced = self._all_reduce_step(loss_value, next_data_status)
-        out = {"lr": lr, "data_status": summed_status(reduced[len(_STEP_FIELDS):]), "nonfinite": reduced[0] > 0,
-               "loss": reduced[1] / self.world if reduced[0] == 0 else float("nan")}
+        reduced = self._all_reduce_step(loss_value, terms, next_data_status)
+        n = len(_STEP_FIELDS) + len(terms)
+        out = {"lr": lr, "data_status": summed_status(reduced[n:]), "nonfinite": reduced[0] > 0,
+               "loss": reduced[1] / self.world if reduced[0] == 0 else float("nan"),
+               "terms": {k: v / self.world for k, v in zip(terms, reduced[len(_STEP_FIELDS):n])}}
         if out["nonfinite"]:  # some rank saw a non-finite loss: every rank skips this step alike
             return out
 
@@ -328,6 +364,8 @@ class Trainer:
                     self._backward_and_step(self._loss(img, txt, scale, bias) * ga, last=j == ga - 1)
         self.scheduler.step()  # a no-op wrapper under DeepSpeed, whose engine stepped the schedule
         dist.clamp_param_(acc.unwrap_model(model).logit_scale, 0.0, LOGIT_SCALE_MAX)  # CLIP paper: at most 100
+        if self.recipe is not None:
+            self.recipe.after_step(acc.unwrap_model(model))  # EMA update, this step's keys into the queue
         return out
 
     def _logged_extras(self, stepped: bool) -> Dict[str, float]:
@@ -418,6 +456,9 @@ class Trainer:
             "padded_samples": padded, "nonfinite_steps": self.nonfinite_total,
         }
         record.update(self._logged_extras(stepped=not out["nonfinite"]))
+        record.update(out["terms"])
+        if self.recipe is not None:
+            record.update(self.recipe.metrics())
         if self.flops_per_sample:
             tflops = self.flops_per_sample * global_batch / max(step_time, 1e-9) / self.world / 1e12
             record["tflops"] = tflops  # per device
@@ -459,10 +500,12 @@ class Trainer:
     def export_state_dict(self) -> Dict[str, torch.Tensor]:
         """The weights `final/` gets, in float32: under DeepSpeed the optimizer's fp32 masters (the module holds only
         their bf16 rounding under bf16) and the frozen parameters as they were before training (a collective)."""
+        if self.cfg.export_momentum:
+            return self.recipe.momentum_export()
         net = self.accelerator.unwrap_model(self.model)
         if not self.deepspeed:
-            return net.state_dict()
-        return dist.full_fp32_state_dict(net, self.zero3, self.frozen_fp32)
+            return exportable(net.state_dict())
+        return exportable(dist.full_fp32_state_dict(net, self.zero3, self.frozen_fp32))
 
     def finish(self) -> Dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator

@@ -64,6 +64,7 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> Preflight:
         raise ConfigError(f"--train-data: {e}") from e
     if cfg.zeroshot_data:
         _check_dataset_spec(cfg.zeroshot_data)
+    _check_zero3(cfg)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     if cfg.resampled:
         if cfg.train_num_samples is not None and cfg.train_num_samples < global_batch:
@@ -81,6 +82,17 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> Preflight:
     resume_from = ckpt.resolve_resume(cfg.resume, out)
     state = ckpt.read_state(resume_from, fp) if resume_from is not None else None
     return Preflight(world, model_cfg, shards, sizes, fp, resume_from, state)
+
+
+def _check_zero3(cfg: TrainConfig) -> None:
+    """ZeRO-3 partitions the online weights, so there is nothing whole to copy into, or average into, an EMA model."""
+    from clipkit.train.recipe import momentum_of
+
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if stage.strip() == "3" and (cfg.queue_size or cfg.distill_alpha) and momentum_of(cfg) > 0:
+        raise ConfigError("a momentum model (--queue-size / --distill-alpha with --momentum > 0) is not supported "
+                          "under ZeRO-3, which partitions the weights it averages: use ZeRO 0-2, or --momentum 0 "
+                          "(the queue then holds the online model's features)")
 
 
 def _batch_text(cfg: TrainConfig, world: int) -> str:
