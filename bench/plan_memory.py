@@ -225,7 +225,8 @@ def main(argv=None) -> int:
             for stage in (int(s) for s in a.stages.split(",")):
                 for world in (int(w) for w in a.worlds.split(",")):
                     for r in measure_zero(model, stage, world, precision, a.batch):
-                        states = model_states(profile.params, profile.trainable, stage, world, precision)
+                        states = model_states(profile.params, profile.trainable, stage, world, precision,
+                                              profile.persistent)
                         measured_states = sum(r["states"].values())
                         zero = {"zero_transient": {precision: {str(stage): {"bytes_per_param": 0.0}}}}
                         mem = rank_memory(profile, a.batch, world, stage, zero)

@@ -66,6 +66,7 @@ def test_zero_state_table():
     assert model_states(p, p, 2, n, "bf16") == {"parameters": 2000, "master_weights": 1000.0, "optimizer": 2000}
     assert model_states(p, p, 3, n, "bf16") == {"parameters": 500, "master_weights": 1000.0, "optimizer": 2000}
     assert model_states(p, 100, 1, n, "fp32") == {"parameters": 4000, "master_weights": 100.0, "optimizer": 200}
+    assert model_states(p, p, 3, n, "fp32", persistent=40)["parameters"] == 4 * (250 + 40)  # kept whole, plus shard
 
 
 def test_largest_batch_search():

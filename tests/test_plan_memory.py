@@ -34,7 +34,7 @@ def test_zero_states_and_peak_against_measured(stage, world):
     if "fp32" not in calibration.get("zero_transient", {}):
         pytest.fail("clipkit/plan/calibration.json lacks zero_transient fp32 (bench/plan_memory.py --calibration)")
     profile = profile_model(MODEL, "fp32")
-    predicted_states = model_states(profile.params, profile.trainable, stage, world, "fp32")
+    predicted_states = model_states(profile.params, profile.trainable, stage, world, "fp32", profile.persistent)
     predicted_peak = rank_memory(profile, 2, world, stage, calibration).total
     for rank in bench().measure_zero(MODEL, stage, world, "fp32", batch=2):
         measured = rank["states"]

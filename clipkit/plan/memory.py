@@ -9,7 +9,10 @@ tests/test_plan_memory.py):
 |---|---|---|---|
 | 0 | w P | fp32: none (the weights are the master); bf16: 4 Pt | 8 Pt |
 | 1, 2 | w P | 4 Pt / N | 8 Pt / N |
-| 3 | w P / N | 4 Pt / N | 8 Pt / N |
+| 3 | w (P / N + Pp) | 4 Pt / N | 8 Pt / N |
+
+(Pp: parameters in tensors of at most 1e5 elements, which ZeRO-3 keeps whole on every rank beside their partition:
+DeepSpeed's stage3_param_persistence_threshold.)
 
 Transient (during backward and the optimizer step: gradients, DeepSpeed's flattened reduce buckets, fp32 gradient
 partitions, ZeRO-3's gathered parameters, plus a fixed per-process part): fixed + per-parameter bytes fitted by
@@ -55,14 +58,16 @@ class RankMemory:
         return {**asdict(self), "states": self.states, "total": self.total}
 
 
-def model_states(params: int, trainable: int, stage: int, world: int, precision: str) -> Dict[str, float]:
-    """Persistent bytes per rank (see the module's table)."""
+def model_states(params: int, trainable: int, stage: int, world: int, precision: str,
+                 persistent: int = 0) -> Dict[str, float]:
+    """Persistent bytes per rank (see the module's table; `persistent` = Pp)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     w = WEIGHT_BYTES[precision]
     shard = world if stage >= 1 else 1
     master = 4.0 * trainable / shard if (stage >= 1 or precision == "bf16") else 0.0
-    return {"parameters": w * params / (world if stage == 3 else 1), "master_weights": master,
+    parameters = w * (params / world + persistent) if stage == 3 else w * params
+    return {"parameters": parameters, "master_weights": master,
             "optimizer": 8.0 * trainable / shard}
 
 
@@ -79,7 +84,7 @@ def transient_bytes(params: int, stage: int, precision: str, calibration: Dict) 
 
 def rank_memory(profile: ModelProfile, local_batch: int, world: int, stage: int, calibration: Dict,
                 chunk_size: int | None = None) -> RankMemory:
-    states = model_states(profile.params, profile.trainable, stage, world, profile.precision)
+    states = model_states(profile.params, profile.trainable, stage, world, profile.precision, profile.persistent)
     return RankMemory(
         parameters=states["parameters"], master_weights=states["master_weights"], optimizer=states["optimizer"],
         transient=transient_bytes(profile.params, stage, profile.precision, calibration),

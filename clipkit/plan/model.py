@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ZERO3_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ModelProfile:
     name: str
     params: int  # all parameters
     trainable: int  # parameters with requires_grad
+    persistent: int  # parameters in tensors of <= ZERO3_PERSISTENCE elements: ZeRO-3 keeps those whole on every rank
     embed_dim: int  # D of the features the loss sees
     image_size: Tuple[int, int]
     context_length: int
@@ -132,8 +134,10 @@ def profile_model(model: str, precision: str = "bf16", grad_checkpointing: bool 
         act = [_saved_bytes(net, cfg, b, dtype) for b in (1, 2)]
     params = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    persistent = sum(p.numel() for p in net.parameters() if p.numel() <= ZERO3_PERSISTENCE)
     return ModelProfile(
-        name=model, params=params, trainable=trainable, embed_dim=int(cfg["embed_dim"]), image_size=image_size,
+        name=model, params=params, trainable=trainable, persistent=persistent, embed_dim=int(cfg["embed_dim"]),
+        image_size=image_size,
         context_length=context, tower_flops=fb2 - fb1, forward_flops=fw2 - fw1,
         activation_bytes=act[1] - act[0], recompute_bytes=recompute, precision=precision,
         grad_checkpointing=grad_checkpointing)
