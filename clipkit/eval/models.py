@@ -1,7 +1,8 @@
 """Model SPECs for evaluation.
 
 - a clipkit run directory (holds `final/`) or its `final/` directory: an open_clip export
-  (`open_clip_config.json` + `open_clip_model.safetensors`, see `clipkit.models.export_open_clip`);
+  (`open_clip_config.json` + `open_clip_model.safetensors`, see `clipkit.models.export_open_clip`), loaded by
+  `clipkit.models.load_open_clip` (an HF text tower from the export's own files, wherever the run dir lives);
 - `local-dir:DIR`: the same, spelled the way open_clip spells it;
 - an open_clip model name (clipkit's configs are registered first, so `clipkit-tiny` works) or a path to an
   open_clip JSON model config, with `pretrained` = a .safetensors file or a torch file (loaded with weights_only=True).
@@ -43,19 +44,15 @@ def _export_dir(spec: str) -> Path | None:
 
 def load_model(spec: str, pretrained: str | None = None, device: Any = "cpu") -> LoadedModel:
     """Loads a model SPEC (see module doc) for inference."""
-    import open_clip
-
-    from clipkit.models import create_model
+    from clipkit.models import create_model, load_open_clip
 
     export = _export_dir(spec)
     if export is not None:
         if pretrained:
             raise ValueError(f"model {spec} is an exported directory: it carries its weights, drop --pretrained")
-        name = f"local-dir:{export}"
-        net, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
-        tokenizer = open_clip.get_tokenizer(name)
-        run_dir = export.parent if export.name == "final" else export
-        return LoadedModel(net.eval(), preprocess, tokenizer, run_dir.name, str(export))
+        net, preprocess, tokenizer = load_open_clip(str(export), device)
+        run_dir = export.resolve().parent if export.name == "final" else export.resolve()
+        return LoadedModel(net, preprocess, tokenizer, run_dir.name, str(export))
     if not pretrained:
         raise ValueError(f"model {spec!r} is a model config name: pass its weights with --pretrained FILE "
                          "(random weights would give chance-level numbers)")
