@@ -8,6 +8,7 @@ combinations never seen at all), against 30 candidate classes (chance: 3.3%).
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="clipkit-tiny")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--train-args", default="", help="more train/main.py flags, e.g. '--queue-size 4096'")
     return p.parse_args(argv)
 
 
@@ -51,6 +53,7 @@ def train(args, shards: str, run_dir: Path) -> None:
         "--model", args.model, "--train-data", shards, "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--lr", str(args.lr), "--wd", "0.1", "--warmup", "20",
         "--workers", str(args.workers), "--output-dir", str(run_dir), "--save-every", "100", "--resume", "auto",
+        *shlex.split(args.train_args),
     ]
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
