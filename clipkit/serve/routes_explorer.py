@@ -53,13 +53,17 @@ async def explorer_map(request: Request) -> Dict[str, Any]:
     from clipkit.index.projection import read_map
 
     svc = request.app.state.service
+    cached = getattr(request.app.state, "explorer_map", None)
+    if cached is not None:  # the index does not change while served: build the answer once
+        return cached
     xy, info = await anyio.to_thread.run_sync(read_map, svc.index.dir)
     if xy is None:
         raise APIError(404, "this index has no map: build it with index/build.py (without --no-map)",
                        code="no_map")
     columns = await anyio.to_thread.run_sync(_categorical_columns, svc.index.store.metadata())
-    return {"count": int(len(xy)), "method": info["method"], "xy": _b64(xy.astype("<f4")), "columns": columns,
-            "index": svc.index.name}
+    request.app.state.explorer_map = {"count": int(len(xy)), "method": info["method"], "xy": _b64(xy.astype("<f4")),
+                                      "columns": columns, "index": svc.index.name}
+    return request.app.state.explorer_map
 
 
 class NeighborsRequest(BaseModel):
