@@ -2,6 +2,10 @@
 
     python bench/train_throughput.py                     # clipkit-tiny, 64 px, batch 128, fp32, 2 workers, CPU
     python bench/train_throughput.py --steps 8 --skip 3 --batch-size 32    # smoke run
+    # issue 10: ours launched as users do (plain python, `accelerate launch` with no config, README's 2-process
+    # ZeRO-2 command) against open_clip_train launched with python
+    python bench/train_throughput.py --batch-size 64 --steps 24 --skip 4 --rounds 3 \
+        --ours-launch python,accelerate,zero2
     # GPU (see bench/gpu_train.sh): ViT-B-32, 224 px, bf16, DeepSpeed ZeRO-2 for ours
     python bench/train_throughput.py --model ViT-B-32 --image-size 224 --batch-size 256 --steps 100 --skip 20 \
         --precision bf16 --accelerate-config train/accelerate/gpu_zero2.yaml --peer-precision amp_bf16 ...
@@ -114,18 +118,31 @@ def _steady(step_times: list[float], data_times: list[float], batch: int, skip: 
             "step_times": kept}
 
 
-def run_ours(a, spec: str, work: Path, tag: str) -> dict:
-    out = work / f"ours-{tag}"
+LAUNCHES = ("python", "accelerate", "zero2")  # how ours is started (see --ours-launch)
+
+
+def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict:
+    """launch: "python" (python train/main.py), "accelerate" (`accelerate launch --num_processes 1` with no config
+    file, as a new user types it), "zero2" (README's 2-process ZeRO-2 command, each process half the batch, so the
+    global batch is the peer's)."""
+    out = work / f"ours-{launch}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
-    flags = ["--model", a.model, "--train-data", spec, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+    per_process = a.batch_size // 2 if launch == "zero2" else a.batch_size
+    flags = ["--model", a.model, "--train-data", spec, "--batch-size", str(per_process), "--steps", str(a.steps),
              "--workers", str(a.workers), "--precision", a.precision, "--lr", "5e-4", "--wd", "0.2", "--warmup", "10",
              "--grad-clip", "1.0", "--seed", "0", "--output-dir", str(out), "--no-tensorboard", "--no-progress",
-             "--log-every", "1"]
+             "--no-report", "--log-every", "1", *a.ours_flag]
+    main_py = str(REPO / "train" / "main.py")
     if a.accelerate_config:
         cmd = [a.python, "-m", "accelerate.commands.launch", "--config_file", a.accelerate_config,
-               "--num_processes", "1", "--num_machines", "1", str(REPO / "train" / "main.py"), *flags]
+               "--num_processes", "1", "--num_machines", "1", main_py, *flags]
+    elif launch == "accelerate":
+        cmd = [a.python, "-m", "accelerate.commands.launch", "--num_processes", "1", main_py, *flags]
+    elif launch == "zero2":
+        cmd = [a.python, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "train" / "accelerate" / "cpu_zero2.yaml"), "--num_processes", "2", main_py, *flags]
     else:
-        cmd = [a.python, str(REPO / "train" / "main.py"), *flags]
+        cmd = [a.python, main_py, *flags]
     wall, cpu = _run(cmd, _env(a.ours_env), REPO, work / f"ours-{tag}.log", a.timeout)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     recs = [r for r in recs if "step_time" in r]
@@ -220,8 +237,10 @@ def summarize(runs: dict, peers: list[str], batch: int, flops: float | None, pea
             s["mfu"] = s["tflops"] / peak_tflops
         summary[name] = s
     for p in peers:
-        if "ours" in summary and f"open_clip_{p}" in summary:
-            summary[f"ratio_ours_vs_{p}"] = {k: summary["ours"][k] / summary[f"open_clip_{p}"][k] for k in RATE_KEYS}
+        for name in [n for n in summary if n.startswith("ours")]:
+            if f"open_clip_{p}" in summary:
+                summary[f"ratio_{name}_vs_{p}"] = {k: summary[name][k] / summary[f"open_clip_{p}"][k]
+                                                   for k in RATE_KEYS}
     return summary
 
 
@@ -256,6 +275,9 @@ def parse_args(argv=None):
                    help="open_clip_train --precision; several joined with ',' run one after the other")
     p.add_argument("--accelerate-config", default=None,
                    help="run ours under `accelerate launch --num_processes 1` with this config (default: plain python)")
+    p.add_argument("--ours-launch", default="python",
+                   help=f"how ours starts, several joined with ',': {', '.join(LAUNCHES)} (see run_ours)")
+    p.add_argument("--ours-flag", action="append", default=[], help="one more train/main.py argument (repeatable)")
     p.add_argument("--python", default=sys.executable, help="python for ours")
     p.add_argument("--peer-python", default=str(PEER_PYTHON), help="python with open_clip_torch[training] 3.3")
     p.add_argument("--ours-env", action="append", default=[], help="KEY=VALUE for ours (repeatable)")
@@ -293,17 +315,22 @@ def main(argv=None) -> int:
         cuda = torch.cuda.is_available()
         if a.flops or cuda:
             result["flops_per_sample"] = flops_per_sample(a.model)
-        runs = {"ours": []}
+        launches = [x for x in a.ours_launch.split(",") if x]
+        unknown = sorted(set(launches) - set(LAUNCHES))
+        if unknown:
+            raise SystemExit(f"error: --ours-launch {unknown}: not one of {', '.join(LAUNCHES)}")
+        ours = {x: "ours" if launches == ["python"] else f"ours_{x}" for x in launches}
+        runs = {name: [] for name in ours.values()}
         peers = [p for p in a.peer_precision.split(",") if p]
         for p in peers:
             runs[f"open_clip_{p}"] = []
         for r in range(a.rounds):
-            order = ["ours", *peers] if r % 2 == 0 else [*peers, "ours"]
+            order = [*launches, *peers] if r % 2 == 0 else [*peers, *launches[::-1]]
             for who in order:
-                name = "ours" if who == "ours" else f"open_clip_{who}"
+                name = ours[who] if who in ours else f"open_clip_{who}"
                 try:
-                    if who == "ours":
-                        res = run_ours(a, spec, work, str(r))
+                    if who in ours:
+                        res = run_ours(a, spec, work, str(r), who)
                     else:
                         res = run_peer(a, spec, work, f"{who}-{r}", who)
                 except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:  # report the others anyway
@@ -320,10 +347,11 @@ def main(argv=None) -> int:
         print(markdown_table(result["summary"]), flush=True)
         if a.json_out:
             Path(a.json_out).write_text(json.dumps(result, indent=1))
-        if a.calibration and "ours" in result["summary"]:
+        first = next((n for n in result["summary"] if n.startswith("ours")), None)
+        if a.calibration and first:
             from clipkit.plan.calibration import train_section, write_section
 
-            ours = result["summary"]["ours"]
+            ours = result["summary"][first]
             write_section(a.calibration, *train_section(a.model, a.batch_size, a.precision, ours["samples_per_s"],
                                                         peak_mem_gb=ours.get("peak_mem_gb")))
             print(f"wrote the training run into {a.calibration}", flush=True)
