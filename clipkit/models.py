@@ -114,6 +114,7 @@ def create_model(
         init_logit_scale: float | None = None,
         hf_text_model_id: str | None = None,
         frozen_text_dropout: bool = True,
+        lock_text_freeze_layer_norm: bool = True,
 ):
     """Builds a trainable open_clip model from a config name or JSON path.
 
@@ -128,7 +129,8 @@ def create_model(
     inferred: `clipkit.hf_text.hub_id_of`) staged in `config_dir/hf_cache` as symlinks to that directory, so the
     returned `model_cfg` names the hub id in its path and `export_open_clip` records the id, not this machine's path.
     `frozen_text_dropout` (with `lock_text`): False pins the frozen tower in eval mode (no dropout, whatever
-    `model.train()` is called); True lets it follow the model's mode.
+    `model.train()` is called); True lets it follow the model's mode. `lock_text_freeze_layer_norm=False` leaves the
+    frozen HF tower's LayerNorm gains and biases trainable (open_clip_train's default).
     """
     import tempfile
 
@@ -148,20 +150,22 @@ def create_model(
     net, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, output_dict=True, **kwargs)
     if lock_text:
-        lock_text_tower(net, dropout=frozen_text_dropout)
+        lock_text_tower(net, dropout=frozen_text_dropout, freeze_layer_norm=lock_text_freeze_layer_norm)
     if lock_image:
         net.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=lock_image_freeze_bn_stats)
     tokenizer = open_clip.get_tokenizer(name)
     return net, cfg, preprocess_train, preprocess_val, tokenizer
 
 
-def lock_text_tower(net: nn.Module, dropout: bool = True) -> None:
+def lock_text_tower(net: nn.Module, dropout: bool = True, freeze_layer_norm: bool = True) -> None:
     """Freezes the text tower (for a pretrained one); the text projection stays trainable so the towers can still
     align. `dropout=False` pins the frozen encoder in eval mode: `net.train()` leaves it in eval mode, so it sees each
-    caption the same way every time (open_clip_train leaves it in train mode: its dropout stays on)."""
+    caption the same way every time (open_clip_train leaves it in train mode: its dropout stays on).
+    `freeze_layer_norm=False`: an HF tower's LayerNorm parameters stay trainable (open_clip's `lock(...,
+    freeze_layer_norm=False)`, open_clip_train's default); open_clip's own text tower freezes its ln_final anyway."""
     if hasattr(net, "text") and hasattr(net.text, "lock"):
         # CustomTextCLIP (HF or custom text tower): open_clip freezes the encoder, keeps the projection trainable.
-        net.text.lock(unlocked_layers=0, freeze_layer_norm=True)
+        net.text.lock(unlocked_layers=0, freeze_layer_norm=freeze_layer_norm)
         frozen = [getattr(net.text, "transformer", None)]
     else:
         for name in ("transformer", "token_embedding", "ln_final"):

@@ -121,8 +121,11 @@ def fingerprint(model_cfg: Dict[str, Any], cfg, world_size: int, shards: List[st
     samples = f"{sum(sizes):,} samples" if known else "unknown sample count"
     # An HF text tower counts by its hub id, not by where it is installed: a run dir moved to another machine resumes.
     model_cfg = portable_model_cfg(model_cfg, getattr(cfg, "hf_text_model_id", None))
-    # dropout on or off in a frozen text tower changes the losses (only runs with --lock-text carry the key)
-    text = {"frozen_text_dropout": cfg.frozen_text_dropout} if getattr(cfg, "lock_text", False) else {}
+    # dropout on or off in a frozen text tower changes the losses, trainable LayerNorms the optimizer state (only
+    # runs with --lock-text carry these keys)
+    text = {"frozen_text_dropout": cfg.frozen_text_dropout,
+            "lock_text_freeze_layer_norm": getattr(cfg, "lock_text_freeze_layer_norm", True),
+            } if getattr(cfg, "lock_text", False) else {}
     return {
         **text,
         "model_cfg": model_cfg,

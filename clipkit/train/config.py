@@ -35,6 +35,9 @@ class TrainConfig:
     frozen_text_dropout: bool = _f(True, "with --lock-text: the frozen tower trains in train mode, its dropout on "
                                          "(as open_clip_train); --no-frozen-text-dropout pins it in eval mode. The "
                                          "exported model is in eval mode either way")
+    lock_text_freeze_layer_norm: bool = _f(True, "with --lock-text and an --hf-text-model: freeze the tower's "
+                                                 "LayerNorm gains and biases too; --no-lock-text-freeze-layer-norm "
+                                                 "trains them (open_clip_train's default)")
     lock_image: bool = _f(False, "LiT (Zhai et al. 2022): freeze the image tower (open_clip's lock_image_tower), train "
                                  "the text tower; use with --pretrained weights or a pretrained timm tower")
     lock_image_unlocked_groups: int = _f(0, "with --lock-image: leave this many last layer groups of the image tower "

@@ -82,6 +82,7 @@ class Trainer:
         model, self.model_cfg, self.preprocess_train, self.preprocess_val, self.tokenizer = create_model(
             cfg.model, hf_text_model=cfg.hf_text_model, lock_text=cfg.lock_text, siglip=cfg.loss == "siglip",
             hf_text_model_id=cfg.hf_text_model_id, frozen_text_dropout=cfg.frozen_text_dropout,
+            lock_text_freeze_layer_norm=cfg.lock_text_freeze_layer_norm,
             pretrained=cfg.pretrained, config_dir=self.out / "model_config", lock_image=cfg.lock_image,
             lock_image_unlocked_groups=cfg.lock_image_unlocked_groups,
             lock_image_freeze_bn_stats=cfg.lock_image_freeze_bn_stats,
