@@ -48,7 +48,8 @@ def choose_threads(requested: int | None, env: Mapping[str, str] | None = None,
     env = os.environ if env is None else env
     if requested:
         return requested, "--threads"
-    launched = "LOCAL_RANK" in env
+    # torchrun sets LOCAL_RANK; accelerate's single-process launcher sets only its ACCELERATE_* variables
+    launched = "LOCAL_RANK" in env or any(k.startswith("ACCELERATE_") for k in env)
     omp = env.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         if not launched:
