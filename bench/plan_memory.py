@@ -178,19 +178,43 @@ def measure_loss(batch: int, world: int, dim: int, chunk: int | None, precision:
 
 
 # ---------------------------------------------------------------- main
-def bench_model_path(directory: str) -> str:
-    path = Path(directory) / "plan-bench-46m.json"
-    path.write_text(json.dumps(BENCH_MODEL))
-    return str(path)
+BENCH_MODEL_PATH = "bench/plan-bench-46m.json"  # BENCH_MODEL, relative to the repository root
 
 
-def fit_line(points: list) -> tuple:
-    """Least-squares (fixed, per_param) of bytes = fixed + per_param * params over (params, bytes) points."""
-    n = len(points)
-    mx, my = sum(p for p, _ in points) / n, sum(b for _, b in points) / n
-    var = sum((p - mx) ** 2 for p, _ in points)
-    slope = sum((p - mx) * (b - my) for p, b in points) / var if var else my / mx
-    return my - slope * mx, slope
+def bench_model_path() -> str:
+    path = REPO / BENCH_MODEL_PATH
+    if not path.is_file() or json.loads(path.read_text()) != BENCH_MODEL:
+        path.write_text(json.dumps(BENCH_MODEL, indent=1) + "\n")
+    return BENCH_MODEL_PATH
+
+
+def fit_transient(points: list) -> dict:
+    """Least squares of bytes = fixed + per_param P + per_param_per_rank P / N over (P, N, bytes) points (with bf16,
+    DeepSpeed's fp32 gradient partitions make part of the step's buffers shrink with N; with fp32 they did not)."""
+    import numpy as np
+
+    a = np.array([[1.0, p, p / n] for p, n, _ in points])
+    y = np.array([b for _, _, b in points])
+    (fixed, per_param, per_rank), *_ = np.linalg.lstsq(a, y, rcond=None)
+    return {"fixed_bytes": float(fixed), "bytes_per_param": float(per_param),
+            "bytes_per_param_per_rank": float(per_rank), "points": [[p, n, round(b)] for p, n, b in points]}
+
+
+def transient_points(rows: list) -> dict:
+    """{precision: {stage: [(params, processes, transient bytes)]}} from measured rows: peak - measured states -
+    counted activations and loss."""
+    from clipkit.plan.memory import rank_memory
+    from clipkit.plan.model import profile_model
+
+    points: dict = {}
+    for r in rows:
+        profile = profile_model(r["model"], r["precision"])
+        zero = {"zero_transient": {r["precision"]: {str(r["stage"]): {"bytes_per_param": 0.0}}}}
+        mem = rank_memory(profile, r["batch"], r["world"], r["stage"], zero)
+        rest = r["peak_bytes"] - sum(r["states"].values()) - mem.activations - mem.loss
+        points.setdefault(r["precision"], {}).setdefault(str(r["stage"]), []).append(
+            (profile.params, r["world"], rest))
+    return points
 
 
 def main(argv=None) -> int:
@@ -207,40 +231,42 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", help="fp32 and/or bf16, comma-separated")
     p.add_argument("--batch", type=int, default=2, help="per process")
     p.add_argument("--calibration", default=None, help="write the fitted transient memory into this file")
+    p.add_argument("--refit", default=None, metavar="ROWS_JSON",
+                   help="no new runs: fit the transient memory to the measured rows an earlier --json-out saved")
     p.add_argument("--json-out", default=None)
     p.add_argument("--loss-batches", default="2048", help="also measure the loss alone at these per-process batches "
                                                           "(D=256, full and chunked K=256, 1 and 2 processes; '' = no)")
     a = p.parse_args(argv)
-    models = a.models.split(",") if a.models else [
-        "clipkit-tiny", bench_model_path(tempfile.mkdtemp(prefix="clipkit_planmem_"))]
+    if a.refit:
+        a.loss_batches = ""
+    models = a.models.split(",") if a.models else ["clipkit-tiny", bench_model_path()]
     calibration = load_calibration(a.calibration) if a.calibration and Path(a.calibration).is_file() else \
         load_calibration()
-    rows, points = [], {}
+    rows = json.loads(Path(a.refit).read_text()) if a.refit else []
     print("| precision | model params | stage | processes | rank | measured peak MiB | states measured MiB | "
           "states predicted MiB | peak predicted MiB | predicted / measured |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for precision in a.precision.split(","):
+    for precision in [] if a.refit else a.precision.split(","):
         for model in models:
             profile = profile_model(model, precision)
             for stage in (int(s) for s in a.stages.split(",")):
                 for world in (int(w) for w in a.worlds.split(",")):
                     for r in measure_zero(model, stage, world, precision, a.batch):
-                        states = model_states(profile.params, profile.trainable, stage, world, precision,
-                                              profile.persistent)
-                        measured_states = sum(r["states"].values())
-                        zero = {"zero_transient": {precision: {str(stage): {"bytes_per_param": 0.0}}}}
-                        mem = rank_memory(profile, a.batch, world, stage, zero)
-                        rest = r["peak_bytes"] - measured_states - mem.activations - mem.loss
-                        points.setdefault(precision, {}).setdefault(str(stage), []).append((profile.params, rest))
-                        try:
-                            predicted = rank_memory(profile, a.batch, world, stage, calibration).total
-                            ratio = f"{predicted / r['peak_bytes']:.3f}"
-                        except ValueError:
-                            predicted, ratio = float("nan"), "(no calibration)"
-                        rows.append({**r, "model": model, "states_predicted": states, "peak_predicted": predicted})
-                        print(f"| {precision} | {profile.params / 1e6:.1f} M | {stage} | {world} | {r['rank']} | "
-                              f"{r['peak_bytes'] / 2**20:.0f} | {measured_states / 2**20:.0f} | "
-                              f"{sum(states.values()) / 2**20:.0f} | {predicted / 2**20:.0f} | {ratio} |", flush=True)
+                        rows.append({**r, "model": model})
+    for r in rows:
+        profile = profile_model(r["model"], r["precision"])
+        states = model_states(profile.params, profile.trainable, r["stage"], r["world"], r["precision"],
+                              profile.persistent)
+        try:
+            predicted = rank_memory(profile, r["batch"], r["world"], r["stage"], calibration).total
+            ratio = f"{predicted / r['peak_bytes']:.3f}"
+        except ValueError:
+            predicted, ratio = float("nan"), "(no calibration)"
+        r.update(states_predicted=states, peak_predicted=predicted)
+        print(f"| {r['precision']} | {profile.params / 1e6:.1f} M | {r['stage']} | {r['world']} | {r['rank']} | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {sum(r['states'].values()) / 2**20:.0f} | "
+              f"{sum(states.values()) / 2**20:.0f} | {predicted / 2**20:.0f} | {ratio} |", flush=True)
+    points = transient_points(rows)
     if a.loss_batches:
         print("\n| loss | B per process | processes | rank | measured peak MiB | predicted MiB | "
               "predicted / measured |")
@@ -253,12 +279,7 @@ def main(argv=None) -> int:
                         print(f"| {'full logits' if chunk is None else f'chunked K={chunk}'} | {batch} | {world} | "
                               f"{r['rank']} | {r['peak_bytes'] / 2**20:.1f} | {predicted / 2**20:.1f} | "
                               f"{predicted / r['peak_bytes']:.3f} |", flush=True)
-    summary = {}
-    for prec, stages in points.items():
-        for stage, pts in stages.items():
-            fixed, per_param = fit_line(pts)
-            summary.setdefault(prec, {})[stage] = {"fixed_bytes": fixed, "bytes_per_param": per_param,
-                                                   "points": [[n, round(b)] for n, b in pts]}
+    summary = {prec: {stage: fit_transient(pts) for stage, pts in stages.items()} for prec, stages in points.items()}
     print(json.dumps({"models": models, "zero_transient": summary}, indent=1))
     if a.calibration:
         merged = dict(load_calibration(a.calibration).get("zero_transient", {})) if Path(a.calibration).is_file() \

@@ -15,10 +15,11 @@ tests/test_plan_memory.py):
 DeepSpeed's stage3_param_persistence_threshold.)
 
 Transient (during backward and the optimizer step: gradients, DeepSpeed's flattened reduce buckets, fp32 gradient
-partitions, ZeRO-3's gathered parameters, plus a fixed per-process part): fixed + per-parameter bytes fitted by
+partitions, ZeRO-3's gathered parameters, plus a fixed per-process part): fixed + a P + b P / N bytes, fitted by
 `bench/plan_memory.py` to runs of two model sizes on 1 and 2 CPU processes, for each stage and precision, and read
-from the calibration file (the runs showed no dependence on N). DeepSpeed's buckets (5e8 elements by default) are
-larger than every CLIP model up to ViT-g, so the per-parameter figure does not reach their cap; it is not modelled.
+from the calibration file (with fp32, b came out ~0; with bf16 the fp32 gradient partitions shrink with N).
+DeepSpeed's buckets (5e8 elements by default) are larger than every CLIP model up to ViT-g, so the per-parameter
+figure does not reach their cap; it is not modelled.
 
 Peak = states + transient + activations (saved per sample x local batch, counted on the model; with grad
 checkpointing plus one recomputed block) + the loss's peak (counted on fake tensors, see clipkit/plan/loss.py).
@@ -71,15 +72,16 @@ def model_states(params: int, trainable: int, stage: int, world: int, precision:
             "optimizer": 8.0 * trainable / shard}
 
 
-def transient_bytes(params: int, stage: int, precision: str, calibration: Dict) -> float:
-    """Gradients and DeepSpeed's step buffers: fixed + per-parameter bytes, fitted to measured runs (calibration
-    "zero_transient", bench/plan_memory.py)."""
+def transient_bytes(params: int, stage: int, precision: str, calibration: Dict, world: int = 1) -> float:
+    """Gradients and DeepSpeed's step buffers: fixed + per-parameter + per-parameter-per-rank bytes, fitted to
+    measured runs (calibration "zero_transient", bench/plan_memory.py)."""
     table = calibration.get("zero_transient", {}).get(precision)
     if not table or str(stage) not in table:
         raise ValueError(f"the calibration file has no measured transient memory for ZeRO-{stage} {precision}: run "
                          "bench/plan_memory.py --calibration FILE")
     entry = table[str(stage)]
-    return float(entry.get("fixed_bytes", 0.0)) + float(entry["bytes_per_param"]) * params
+    return (float(entry.get("fixed_bytes", 0.0)) + float(entry["bytes_per_param"]) * params
+            + float(entry.get("bytes_per_param_per_rank", 0.0)) * params / world)
 
 
 def rank_memory(profile: ModelProfile, local_batch: int, world: int, stage: int, calibration: Dict,
@@ -87,7 +89,7 @@ def rank_memory(profile: ModelProfile, local_batch: int, world: int, stage: int,
     states = model_states(profile.params, profile.trainable, stage, world, profile.precision, profile.persistent)
     return RankMemory(
         parameters=states["parameters"], master_weights=states["master_weights"], optimizer=states["optimizer"],
-        transient=transient_bytes(profile.params, stage, profile.precision, calibration),
+        transient=transient_bytes(profile.params, stage, profile.precision, calibration, world),
         activations=profile.activation_bytes * local_batch + profile.recompute_bytes,
         loss=loss_peak_bytes(local_batch, world, profile.embed_dim, chunk_size, profile.precision))
 
