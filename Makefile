@@ -21,8 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m clipkit.demo --output-dir demo_out
 
+# Two pytest-xdist workers (one per core here), a test file each at a time (module fixtures built once); the slowest
+# tests are listed at the end so a slow CI run says where its time went.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check clipkit data_prep train eval index serve tests bench

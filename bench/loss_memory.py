@@ -10,11 +10,13 @@
 columns: B rows against B + K columns per direction. open_clip has no queue, so the reference is then the way MoCo
 and ALBEF compute it: plain PyTorch cross-entropy over the materialised [B, B + K] logits ("concat CE").
 
-Memory: every (implementation, B) runs in a fresh subprocess, so no allocator cache or earlier peak leaks in. RSS
+Memory: every (implementation, B) runs in a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536, so RSS follows the live
+tensors), so no allocator cache or earlier peak leaks in. RSS
 right after the inputs exist is the baseline; the kernel's peak-RSS counter of the process is then reset
 (/proc/self/clear_refs, "5") and read back after one forward + backward as VmHWM (/proc/self/status: the counter
 getrusage's ru_maxrss reports, without the maximum over exited threads that ru_maxrss also folds in). Reported:
-peak - baseline, the extra memory the loss needs, including the [B, D] feature gradients. On CUDA: the caching
+peak - baseline (taken after one 8-row warm-up step, so the autograd threads and BLAS workspaces are not counted),
+the extra memory the loss needs, including the [B, D] feature gradients. On CUDA: the caching
 allocator's peak (torch.cuda.max_memory_allocated) over what was allocated after the inputs.
 --dtype bfloat16 makes bf16 features and runs both losses under autocast, as mixed-precision training does.
 Time: one subprocess per B builds the inputs once, warms every implementation up, then times --repeats forward +
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -149,6 +152,10 @@ def _memory_worker(chunk_size: int | None, setup: dict) -> dict:
         baseline = torch.cuda.memory_allocated()
         loss = _step(loss_fn, *inputs)[-1]
         return {"extra_bytes": torch.cuda.max_memory_allocated() - baseline, "peak_reset": True, "loss": loss}
+    # One small step first: the autograd engine's threads and the BLAS workspaces start once per process (10-15 MiB
+    # with 2 threads), not per loss call.
+    image, text, log_scale, queues = inputs
+    _step(loss_fn, *(x[:8].detach().clone().requires_grad_() for x in (image, text)), log_scale, queues)
     baseline = _rss_bytes()
     peak_was_reset = _reset_peak_rss()
     loss = _step(loss_fn, *inputs)[-1]
@@ -184,7 +191,14 @@ def _time_worker(chunk_sizes: list[int | None], setup: dict, repeats: int) -> di
 
 def _run_worker(*args) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(args)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = None
+    if args[0] == "memory":
+        # A fixed mmap threshold: every large tensor is its own mapping, returned to the kernel when freed, so the
+        # RSS peak follows the live tensors (with glibc's sliding threshold, freed blocks stay in the heap and later
+        # allocations may or may not reuse them: the same run measured 53 or 74 MiB at B 4096, K 1024). Time runs
+        # keep the default allocator, as training has it.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

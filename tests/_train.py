@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -16,9 +17,24 @@ ACCEL = REPO / "train" / "accelerate"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 for a launcher's rendezvous or a test server.
+
+    Drawn below the kernel's ephemeral range (32768-60999), from a block of its own per pytest-xdist worker: an
+    ephemeral port handed out by `bind(0)` can be taken again, between this call and the launcher's bind, by another
+    worker's test or by a connection's source port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + (index % 12) * 1000
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, low + 1000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {low + 1000})")
 
 
 def env(extra: Dict[str, str] | None = None) -> Dict[str, str]:
@@ -28,15 +44,18 @@ def env(extra: Dict[str, str] | None = None) -> Dict[str, str]:
 
 
 def run_train(args: List[str], nproc: int = 0, config: str = "cpu_zero2.yaml", extra_env=None, check=True,
-              launcher_args: List[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """nproc=0: `python train/main.py`; nproc>=1: `accelerate launch --config_file CONFIG --num_processes N`."""
+              launcher_args: List[str] | None = None, timeout: int = 600,
+              report: bool = False) -> subprocess.CompletedProcess:
+    """nproc=0: `python train/main.py`; nproc>=1: `accelerate launch --config_file CONFIG --num_processes N`.
+    The run report is left out unless `report` (its own tests ask for it; it costs ~1.5 s a run)."""
     if nproc:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config),
                "--num_processes", str(nproc), "--main_process_port", str(free_port())]
         cmd += (launcher_args or []) + [MAIN]
     else:
         cmd = [sys.executable, MAIN]
-    proc = subprocess.run(cmd + ["--no-progress", "--no-tensorboard"] + args, env=env(extra_env), cwd=REPO,
+    quiet = ["--no-progress", "--no-tensorboard"] + ([] if report else ["--no-report"])
+    proc = subprocess.run(cmd + quiet + args, env=env(extra_env), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

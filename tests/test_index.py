@@ -30,8 +30,15 @@ def setup(tmp_path_factory):
 def _embed(model_dir, spec, out, *extra):
     from clipkit.index.cli import embed_main
 
-    embed_main(["--model", str(model_dir), "--data", spec, "--output", str(out), "--workers", "0",
-                "--batch-size", "5", "--no-progress", *extra])
+    # One intra-op thread, as the subprocesses get (OMP_NUM_THREADS=1): byte identity holds at equal thread counts
+    # (another count may change a matmul's summation order, and so the last bit of a float16).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed_main(["--model", str(model_dir), "--data", spec, "--output", str(out), "--workers", "0",
+                    "--batch-size", "5", "--no-progress", *extra])
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -7,7 +7,6 @@ open_clip's loss and ours on the same inputs in the same process and saves the r
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -196,9 +195,9 @@ def test_chunked_path_never_materialises_batch_squared():
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests._train import free_port
+
+    return free_port()
 
 
 def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:

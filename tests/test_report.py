@@ -239,7 +239,7 @@ def test_training_run_writes_its_report(tmp_path):
     common = ["--model", "clipkit-tiny", "--train-data", spec, "--batch-size", "8", "--steps", "4", "--warmup", "1",
               "--workers", "1", "--shuffle-buffer", "0"]
     run_train(common + ["--output-dir", str(tmp_path / "run"), "--zeroshot-data", f"folder:{folder}",
-                        "--zeroshot-every", "2"])
+                        "--zeroshot-every", "2"], report=True)
     text = (tmp_path / "run" / "report.html").read_text()
     page = parse(text)
     charts = {i.get("data-chart") for i in page.images}

@@ -198,7 +198,7 @@ def test_two_loopback_nodes_match_one_node(shards, two_process_straight, tmp_pat
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "cpu_multinode.yaml"),
                "--machine_rank", str(rank), "--main_process_port", port, MAIN, "--no-progress", "--no-tensorboard",
-               *common(shards, out, extra=["--workers", "2"])]
+               "--no-report", *common(shards, out, extra=["--workers", "2"])]
         procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)

@@ -81,7 +81,9 @@ def launch(cmd: List[str], extra_env: Dict[str, str] | None = None, timeout: int
 
 def launch_train(args: List[str], nproc: int = 0, extra_env: Dict[str, str] | None = None,
                  config: str = "cpu_zero2.yaml", timeout: int = 600) -> Launch:
-    """`accelerate launch` with `nproc` processes (ZeRO-2 by default), or plain `python train/main.py` for 0."""
+    """`accelerate launch` with `nproc` processes (ZeRO-2 by default), or plain `python train/main.py` for 0; no run
+    report (tests/test_report.py covers it; it costs ~1.5 s a run)."""
+    args = [*args, "--no-report"]
     if nproc:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config),
                "--num_processes", str(nproc), "--main_process_port", str(free_port()), MAIN]
