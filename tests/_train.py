@@ -11,6 +11,8 @@ from typing import Dict, List
 
 import torch
 
+from tests import _zygote as zygote
+
 REPO = Path(__file__).resolve().parents[1]
 MAIN = str(REPO / "train" / "main.py")
 ACCEL = REPO / "train" / "accelerate"
@@ -45,16 +47,25 @@ def env(extra: Dict[str, str] | None = None) -> Dict[str, str]:
 
 def run_train(args: List[str], nproc: int = 0, config: str = "cpu_zero2.yaml", extra_env=None, check=True,
               launcher_args: List[str] | None = None, timeout: int = 600,
-              report: bool = False) -> subprocess.CompletedProcess:
-    """nproc=0: `python train/main.py`; nproc>=1: `accelerate launch --config_file CONFIG --num_processes N`.
+              report: bool = False, fresh: bool = False) -> subprocess.CompletedProcess:
+    """nproc=0: `python train/main.py` (a child of the preloaded forkserver of tests/_zygote.py unless `fresh`);
+    nproc>=1: `accelerate launch --config_file CONFIG --num_processes N`.
     The run report is left out unless `report` (its own tests ask for it; it costs ~1.5 s a run)."""
+    quiet = ["--no-progress", "--no-tensorboard"] + ([] if report else ["--no-report"])
     if nproc:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config),
                "--num_processes", str(nproc), "--main_process_port", str(free_port())]
         cmd += (launcher_args or []) + [MAIN]
+    elif zygote.enabled() and not fresh:
+        done = zygote.run_script([MAIN] + quiet + args, env(extra_env), str(REPO), timeout)
+        if done.timed_out:
+            raise subprocess.TimeoutExpired([MAIN] + args, timeout, done.stdout, done.stderr)
+        proc = subprocess.CompletedProcess([MAIN] + quiet + args, done.returncode, done.stdout, done.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return proc
     else:
         cmd = [sys.executable, MAIN]
-    quiet = ["--no-progress", "--no-tensorboard"] + ([] if report else ["--no-report"])
     proc = subprocess.run(cmd + quiet + args, env=env(extra_env), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -24,6 +24,9 @@ def _entry(rank: int, fn: Callable, port: int, out_dir: str, args: tuple) -> Non
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears the group down: a rank whose peer had already closed its gloo pairs
+        # could abort in destroy_process_group ("terminate called without an active exception"), seen under load.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

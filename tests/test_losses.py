@@ -229,6 +229,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
             "broadcast_ok": torch.tensor(distributed.broadcast_object(payload if rank == 0 else None) == payload),
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.distributed.barrier()  # both done before the group is torn down (see tests/_two_ranks.py)
     finally:
         torch.distributed.destroy_process_group()
 

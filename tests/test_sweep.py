@@ -168,7 +168,8 @@ def sweep_data(tmp_path_factory):
 def _sweep(data, out, launcher="local", samples=(16, 32), **kw) -> dict:
     settings = dict(train_data=data["train_data"], eval_data=data["eval_data"], models=[data["model"]],
                     samples=list(samples), batch_size=8, output_dir=str(out), lrs=[1e-3], launcher=launcher,
-                    train={"workers": 0, "progress": False, "tensorboard": False, "shuffle_buffer": 8, "seed": 0},
+                    train={"workers": 0, "progress": False, "tensorboard": False, "report": False, "shuffle_buffer": 8,
+                           "seed": 0},
                     eval={"max_samples": 20}, device="cpu", bootstrap=50)
     settings.update(kw)
     return run_sweep(SweepConfig(**settings).validate(), log=open("/dev/null", "w"))
@@ -178,10 +179,16 @@ def _runs(summary):
     return {r["name"]: (r["acc1"], r["steps"], r["compute"]) for r in summary["runs"]}
 
 
+@pytest.fixture(scope="module")
+def local_sweep(sweep_data, tmp_path_factory):
+    """(output dir, summary) of the local sweep: 1 model x 16 and 32 samples seen."""
+    out = tmp_path_factory.mktemp("sweep") / "local"
+    return out, _sweep(sweep_data, out)
+
+
 @pytest.mark.slow
-def test_sweep_end_to_end_local_resumes_and_skips_finished_runs(sweep_data, tmp_path):
-    out = tmp_path / "local"
-    summary = _sweep(sweep_data, out)
+def test_sweep_end_to_end_local_resumes_and_skips_finished_runs(sweep_data, local_sweep):
+    out, summary = local_sweep
     assert [r["status"] for r in summary["runs"]] == ["ok", "ok"]
     gmacs = 3 * _vit_clip_macs(SMALL_CFG) / 1e9
     for run, seen in zip(summary["runs"], (16, 32)):
@@ -202,12 +209,12 @@ def test_sweep_end_to_end_local_resumes_and_skips_finished_runs(sweep_data, tmp_
 
 
 @pytest.mark.slow
-def test_slurm_through_submitit_and_ray_give_the_local_results(sweep_data, tmp_path):
-    local = _sweep(sweep_data, tmp_path / "local", samples=(16,))
+def test_slurm_through_submitit_and_ray_give_the_local_results(sweep_data, local_sweep, tmp_path):
     slurm = _sweep(sweep_data, tmp_path / "slurm", launcher="slurm", samples=(16,),
                    slurm={"cluster": "local", "timeout_min": 10})
+    local = {name: run for name, run in _runs(local_sweep[1]).items() if name in _runs(slurm)}  # its 16-sample run
     assert slurm["runs"][0]["status"] == "ok", slurm["runs"]
     assert list((tmp_path / "slurm" / "submitit").glob("*/*_result.pkl"))  # it really went through submitit
     ray = _sweep(sweep_data, tmp_path / "ray", launcher="ray", samples=(16,), ray={"local_cpus": 1})
     assert ray["runs"][0]["status"] == "ok", ray["runs"]
-    assert _runs(local) == _runs(slurm) == _runs(ray)
+    assert len(local) == 1 and local == _runs(slurm) == _runs(ray)

@@ -2,9 +2,10 @@
 
 Every rank runs the same checks on the same inputs, so a bad input stops every rank at start-up with the same
 `UserError` (see clipkit.train.errors) and none is left waiting in a collective. What is checked: the model config
-(registered name, or a JSON file that parses), `--hf-text-model` and `--pretrained` paths, `--output-dir`, the shard
-spec, the zero-shot dataset spec, resampled mode's epoch size against one global batch, and `--resume` (the checkpoint
-exists, is complete, and was written by a run with the same fingerprint).
+(registered name, or a JSON file that parses), `--hf-text-model`, `--pretrained` (exists and its index reads),
+`--output-dir`, the shard spec, the zero-shot dataset spec and templates, resampled mode's epoch size against one
+global batch, and `--resume` (the checkpoint exists, is complete, and was written by a run with the same
+fingerprint).
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> Preflight:
         _, model_cfg = resolve_model_config(cfg.model, cfg.hf_text_model)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e).strip('"')) from e
-    for flag, path in (("--pretrained", cfg.pretrained),):
-        if path and not Path(path).is_file():
-            raise ConfigError(f"{flag} {path}: no such file")
+    if cfg.pretrained:
+        _check_pretrained(cfg.pretrained)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {out}: exists and is not a directory")
@@ -64,6 +64,7 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> Preflight:
         raise ConfigError(f"--train-data: {e}") from e
     if cfg.zeroshot_data:
         _check_dataset_spec(cfg.zeroshot_data)
+        _check_templates(cfg.zeroshot_templates)
     _check_zero3(cfg)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     if cfg.resampled:
@@ -82,6 +83,45 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> Preflight:
     resume_from = ckpt.resolve_resume(cfg.resume, out)
     state = ckpt.read_state(resume_from, fp) if resume_from is not None else None
     return Preflight(world, model_cfg, shards, sizes, fp, resume_from, state)
+
+
+def _check_pretrained(path: str) -> None:
+    """The weights file exists and its index reads: a safetensors header, or a torch zip archive opened with
+    weights_only=True and mmap (nothing is read beyond the index; a pickle that needs more than tensors is refused here,
+    as it would be by the real load)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--pretrained {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("it holds no tensors")
+        else:
+            import torch
+
+            try:
+                torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                torch.load(path, map_location="meta", weights_only=True)  # the legacy (pre-zip) format: read it
+    except Exception as e:  # safetensors, zipfile and unpickling errors all mean "not a weights file we can load"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--pretrained {path}: not a readable weights file ({reason[:200]}): pass an open_clip "
+                          "checkpoint (.safetensors, or a .pt/.bin state dict)") from e
+
+
+def _check_templates(spec: str) -> None:
+    from clipkit.eval.templates import load_templates
+
+    if spec in ("dataset", "auto"):  # the data set's own: known once it is read
+        return
+    try:
+        load_templates(spec)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--zeroshot-templates: {e}") from e
 
 
 def _check_zero3(cfg: TrainConfig) -> None:

@@ -13,6 +13,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from tests import _zygote as zygote
 from tests._train import ACCEL, MAIN, REPO, env, free_port
 
 STEPS = 8  # two epochs of 4 steps at 2 processes x batch 8 over 64 samples
@@ -65,28 +66,37 @@ def launch(cmd: List[str], extra_env: Dict[str, str] | None = None, timeout: int
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         err += f"\n[reliability suite: killed after {timeout}s]"
+    return Launch(proc.returncode, out, err, _reap_session(proc.pid, grace))
+
+
+def _reap_session(sid: int, grace: float) -> List[str]:
+    """Waits up to `grace` s for session `sid` to be empty; kills and returns ("pid: command") what is left."""
     deadline = time.monotonic() + grace
-    alive = session_processes(proc.pid)
+    alive = session_processes(sid)
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = session_processes(proc.pid)
+        alive = session_processes(sid)
     leftovers = [f"{pid}: {cmd}" for pid, cmd in alive]
     for pid, _ in alive:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return Launch(proc.returncode, out, err, leftovers)
+    return leftovers
 
 
 def launch_train(args: List[str], nproc: int = 0, extra_env: Dict[str, str] | None = None,
-                 config: str = "cpu_zero2.yaml", timeout: int = 600) -> Launch:
+                 config: str = "cpu_zero2.yaml", timeout: int = 600, fresh: bool = False) -> Launch:
     """`accelerate launch` with `nproc` processes (ZeRO-2 by default), or plain `python train/main.py` for 0; no run
     report (tests/test_report.py covers it; it costs ~1.5 s a run)."""
     args = [*args, "--no-report"]
     if nproc:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config),
                "--num_processes", str(nproc), "--main_process_port", str(free_port()), MAIN]
+    elif zygote.enabled() and not fresh:  # a forked child of the preloaded forkserver, in a session of its own
+        done = zygote.run_script([MAIN, *args], env(extra_env), str(REPO), timeout, new_session=True)
+        err = done.stderr + (f"\n[reliability suite: killed after {timeout}s]" if done.timed_out else "")
+        return Launch(done.returncode, done.stdout, err, _reap_session(done.pid, 30.0))
     else:
         cmd = [sys.executable, MAIN]
     return launch(cmd + args, extra_env, timeout)

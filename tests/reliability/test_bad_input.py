@@ -88,6 +88,13 @@ def test_files_and_paths_checked_before_start(clean_shards, tmp_path):
     assert "--pretrained" in str(err) and "no such file" in str(err)
     err = check("--zeroshot-data", f"folder:{tmp_path}/missing")
     assert "--zeroshot-data" in str(err) and "does not exist" in str(err)
+    err = check("--zeroshot-data", f"folder:{tmp_path}", "--zeroshot-templates", str(tmp_path / "prompts.txt"))
+    assert err.exit_code == EXIT_USAGE and "--zeroshot-templates" in str(err) and "nor a file" in str(err), err
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    (tmp_path / "junk.pt").write_bytes(b"<html>404</html>")
+    for junk in ("junk.safetensors", "junk.pt"):
+        err = check("--pretrained", str(tmp_path / junk))
+        assert err.exit_code == EXIT_USAGE and "not a readable weights file" in str(err), err
     err = check("--resampled", "--train-num-samples", "10", "--batch-size", "16")
     assert "fewer than one global batch of 16" in str(err)
     yaml_file = tmp_path / "run.yaml"
@@ -109,6 +116,27 @@ def test_usage_error_is_one_line_and_debug_shows_the_traceback(clean_shards, tmp
     assert_one_error(result, EXIT_USAGE, r"model config .*model\.json: malformed JSON at line 2, column 3", started)
     debug = launch_train(base(clean_shards.spec, tmp_path / "a", "--model", str(bad_json), "--debug"), timeout=FAST)
     assert debug.returncode == EXIT_USAGE and "Traceback" in debug.stderr and "JSONDecodeError" in debug.stderr
+
+
+@pytest.mark.slow
+def test_bad_flags_and_files_through_the_cli(clean_shards, tmp_path):
+    """The command itself, one process: each bad flag or file is one `error:` line on stderr, its exit code, no
+    traceback, fast, nothing left running (the in-process tests above cover each check's message)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "run.yaml").write_text("lr: 0.1\nbatch_size: [8\n")
+    (tmp_path / "w.pt").write_bytes(b"<html>404</html>")
+    cases = [
+        (["--lr", "-1"], EXIT_USAGE, r"--lr must be a finite number > 0, got -1\.0"),
+        (["--config", str(tmp_path / "run.yaml")], EXIT_USAGE, r"malformed YAML at line 3, column 1"),
+        (["--output-dir", str(tmp_path / "afile")], EXIT_USAGE, r"exists and is not a directory"),
+        (["--resume", str(tmp_path / "nope")], EXIT_CHECKPOINT, r"no such checkpoint directory"),
+        (["--hf-text-model", str(tmp_path)], EXIT_USAGE, r"no Hugging Face config\.json"),
+        (["--pretrained", str(tmp_path / "w.pt")], EXIT_USAGE, r"--pretrained .*w\.pt: not a readable weights file"),
+    ]
+    for flags, code, pattern in cases:
+        started = time.monotonic()
+        result = launch_train(base(clean_shards.spec, tmp_path / "out", *flags), timeout=FAST)
+        assert_one_error(result, code, pattern, started)
 
 
 # ------------------------------------------------------------------ data that cannot train: each rank stops alike
