@@ -1,6 +1,7 @@
 """The explorer page in a real browser (Debian's chromium + chromium-driver, driven by selenium): type a query and
 see result images load, click a map point and see its neighbours, classify zero-shot and see the confusion matrix,
-with the service's API key asked for once. Screenshots go to tests/artifacts/ (explorer_*.png). The test fails when
+click a result for more like it, search by an uploaded image, hover a point, pan and zoom the map, with the
+service's API key asked for once. Screenshots go to tests/artifacts/ (explorer_*.png). The test fails when
 a result image does not load or the browser console shows an error."""
 
 import shutil
@@ -159,4 +160,55 @@ def test_zero_shot_view_draws_a_confusion_matrix(browser):
     assert "on 180 labelled images" in d.find_element(By.ID, "zeroshot-result").text
     assert len(d.find_elements(By.CSS_SELECTOR, "#legend span")) == len(CLASSES)
     _shot(d, "zeroshot")
+    assert not _console_errors(d)
+
+
+def test_more_like_this_upload_hover_pan_and_zoom(browser, tmp_path):
+    """Clicking a result searches by its image; an uploaded image file searches too; hovering a point shows its
+    thumbnail and caption; dragging pans and the wheel zooms about the cursor."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.by import By
+
+    from clipkit.synthetic import draw_shape
+
+    d = browser["driver"]
+    _wait(lambda: d.execute_script("return window.explorer && window.explorer.state.map !== null"), what="the map")
+    if not d.find_elements(By.CSS_SELECTOR, "#results .result"):  # this test alone: search first
+        d.find_element(By.ID, "query").send_keys("a blue circle")
+        d.find_element(By.CSS_SELECTOR, "#search-form button").click()
+        _wait(lambda: _loaded_images(d, "#results img.result-image", 24), what="24 loaded result images")
+    first = d.find_element(By.CSS_SELECTOR, "#results .result")
+    first_id = first.find_element(By.CSS_SELECTOR, ".sim").text.split(" ")[0]  # "#12 · 0.345"
+    first.click()
+    _wait(lambda: d.find_element(By.ID, "results-title").text == f"more like {first_id}", what="more like this")
+    _wait(lambda: _loaded_images(d, "#results img.result-image", 24), what="24 similar images")
+    _shot(d, "more_like_this")
+
+    import random
+
+    path = tmp_path / "green_square.png"
+    draw_shape("green", "square", 64, random.Random(1)).save(path)
+    d.find_element(By.ID, "image-file").send_keys(str(path))
+    d.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    _wait(lambda: d.find_element(By.ID, "results-title").text == "results for green_square.png", what="upload search")
+    _wait(lambda: _loaded_images(d, "#results img.result-image", 24), what="24 images for the upload")
+
+    canvas = d.find_element(By.ID, "map")
+    w, h = canvas.size["width"], canvas.size["height"]
+    x, y = d.execute_script("const m = window.explorer.state.map; return window.explorer.toScreen(m.xy[20], m.xy[21]);")
+    ActionChains(d).move_to_element_with_offset(canvas, int(x - w / 2), int(y - h / 2)).perform()
+    _wait(lambda: d.execute_script("const t = document.getElementById('tooltip'); const i = t.querySelector('img');"
+                                   "return !t.hidden && i.complete && i.naturalWidth > 0 && "
+                                   "t.querySelector('.caption').textContent.startsWith('#')"), what="hover tooltip")
+    _shot(d, "hover")
+
+    view = lambda: d.execute_script("const v = window.explorer.state.view; return [v.x, v.y, v.scale];")
+    before = view()
+    ActionChains(d).move_to_element_with_offset(canvas, 0, 0).click_and_hold().move_by_offset(60, 40) \
+        .move_by_offset(20, 10).release().perform()
+    panned = view()
+    assert panned[2] == before[2] and (panned[0], panned[1]) != (before[0], before[1])  # moved, same zoom
+    ActionChains(d).scroll_from_origin(ScrollOrigin.from_element(canvas, 10, 10), 0, -120).perform()
+    _wait(lambda: view()[2] > panned[2], what="zoom in")  # 1.25x per wheel notch
     assert not _console_errors(d)

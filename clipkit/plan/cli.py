@@ -152,7 +152,8 @@ def format_plan(plan: Dict) -> str:
                  f"(K={lo['chunk_size']}) {gib(lo['chunked']['peak_bytes'])}, {si(lo['chunked']['flops'], 'FLOP')}; "
                  f"{100 * lo['share_of_step_flops']:.2f}% of the step's FLOPs")
     if d["name"] == "cpu":
-        rate = f"{si(d['flops_per_s'], 'FLOP/s')} on {d['cores']} cores ({d['rate_source']})"
+        rate = (f"{si(d['flops_per_s'], 'FLOP/s')} per process, {r['gpus']} sharing {d['cores']} cores "
+                f"({d['rate_source']})")
     else:
         rate = (f"MFU {100 * d['mfu']:.0f}% of {d['peak_tflops']:.0f} TFLOP/s ({d['mfu_source']}); "
                 f"communication {si(st['comm_bytes'], 'B')} per {rank} (ZeRO {si(st['zero_comm_bytes'], 'B')}, "

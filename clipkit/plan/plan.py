@@ -68,7 +68,8 @@ def _device(req: PlanRequest, calibration: Dict) -> Dict[str, Any]:
             import psutil
 
             memory = psutil.virtual_memory().total / req.gpus
-        return {"name": "cpu", "flops_per_s": per_core * cores, "rate_source": source, "cores": cores,
+        # The processes share the cores (one node): each rank computes at its share of them.
+        return {"name": "cpu", "flops_per_s": per_core * cores / req.gpus, "rate_source": source, "cores": cores,
                 "memory_bytes": memory, "gpus_per_node": req.gpus, "bandwidth_gbs": None}
     gpu = get_gpu(req.gpu)
     mfu, source = gpu_mfu(calibration, gpu.name, req.mfu)
