@@ -286,3 +286,71 @@ def test_umap_map_is_stored_beside_the_index(tmp_path):
     np.fill_diagonal(d, np.inf)
     hits = np.mean([d[i].argmin() in near[i] for i in range(400)])
     assert hits > 0.3
+
+
+def test_gpu_path_trains_and_fills_on_the_gpu_copy(setup, embedded, monkeypatch):
+    """With faiss-gpu's calls stood in (no GPU here): train and add go to the GPU clone, the CPU copy comes back;
+    HNSW and faiss-cpu stay on the CPU."""
+    import faiss
+
+    from clipkit.index import build as build_mod
+    from clipkit.index.store import EmbeddingStore
+
+    calls = []
+
+    class Clone:
+        def __init__(self, index):
+            self.index = index
+
+        def train(self, x):
+            calls.append(("train", len(x)))
+            self.index.train(x)
+
+        def add(self, x):
+            calls.append(("add", len(x)))
+            self.index.add(x)
+
+    class Options:
+        useFloat16LookupTables = False
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", Options, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index, options: Clone(index), raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda clone: clone.index, raising=False)
+    store = EmbeddingStore(embedded)
+    plan = build_mod.IndexPlan("ivfpq", "IVF2,PQ8x4", 0, {"nlist": 2, "code_size": 4})
+    index = build_mod.build_faiss(store, "image", plan)
+    assert calls[0][0] == "train" and {c[0] for c in calls[1:]} == {"add"}  # one add per stored part
+    assert sum(n for kind, n in calls[1:]) == index.ntotal == store.count
+    calls.clear()
+    hnsw = build_mod.build_faiss(store, "image", build_mod.IndexPlan("hnsw", "HNSW8", 0, {}))
+    assert calls == [] and hnsw.ntotal == store.count
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    build_mod.build_faiss(store, "image", build_mod.IndexPlan("flat", "Flat", 0, {}))
+    assert calls == []
+
+
+def test_exact_index_over_duplicate_captions_reports_full_recall(tmp_path):
+    """Repeated captions give identical text embeddings: the exact top 10 is then one pick among equals, and a flat
+    index's other pick is not a miss (the demo's text index read 0.879 before ties counted)."""
+    from clipkit.index.build import BuildSettings, build_indexes, recall
+    from clipkit.index.embed import write_arrays
+
+    rng = np.random.default_rng(3)
+    n, dim = 600, 16
+    img = rng.normal(size=(n, dim))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    captions = rng.normal(size=(12, dim))  # 12 distinct captions, 50 samples each
+    txt = captions[np.arange(n) % 12]
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    out = tmp_path / "dups"
+    write_arrays(out, img.astype(np.float32), txt.astype(np.float32), {"fingerprint": "dups", "name": "dups"},
+                 rows_per_part=n)
+    manifest = build_indexes(out, BuildSettings(kind="flat", queries=100, modalities=["text"]), progress=lambda s: None)
+    assert manifest["indexes"]["text"]["recall@10"] == 1.0
+    # the id-only count would call the flat index's pick among 50 equals a miss
+    found = np.array([[5, 17, 29]])
+    truth = np.array([[5, 41, 53]])
+    assert recall(found, truth) == pytest.approx(1 / 3)
+    assert recall(found, truth, np.array([[0.9, 0.8, 0.8]]), np.array([[0.9, 0.8, 0.8]])) == 1.0
+    assert recall(found, truth, np.array([[0.9, 0.8, 0.7]]), np.array([[0.9, 0.8, 0.8]])) == pytest.approx(2 / 3)

@@ -87,7 +87,35 @@ def _train_sample(store: EmbeddingStore, modality: str, size: int, seed: int) ->
     return store.rows(modality, ids)
 
 
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (which has no get_num_gpus), else what faiss-gpu sees."""
+    import faiss
+
+    return int(getattr(faiss, "get_num_gpus", lambda: 0)())
+
+
+def _to_gpus(index, kind: str):
+    """With faiss-gpu and a GPU: the index cloned onto every GPU (IVF-PQ with float16 lookup tables, which its
+    64-byte codes need), or None to stay on the CPU (HNSW has no GPU version). Not exercised here: no GPU."""
+    import faiss
+
+    if kind == "hnsw" or gpu_count() == 0:
+        return None
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16LookupTables = True
+    try:
+        return faiss.index_cpu_to_all_gpus(index, options)
+    except RuntimeError as e:  # a GPU build that cannot hold this index: build it on the CPU instead
+        import logging
+
+        logging.getLogger("clipkit.index").warning("faiss-gpu could not take the %s index (%s): building on the CPU",
+                                                   kind, e)
+        return None
+
+
 def build_faiss(store: EmbeddingStore, modality: str, plan: IndexPlan, seed: int = 0):
+    """Trains (IVF-PQ) and fills the index; on GPUs when faiss-gpu sees any (then copied back to the CPU, which is
+    what gets written and served)."""
     import faiss
 
     index = faiss.index_factory(store.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -95,17 +123,41 @@ def build_faiss(store: EmbeddingStore, modality: str, plan: IndexPlan, seed: int
         # Polysemous training (faiss's default for IVFPQ) re-orders codes for Hamming pre-filtering, which is not
         # used here; it took 2/3 of the training time.
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    work = _to_gpus(index, plan.kind) or index
+    if plan.kind == "ivfpq":
         size = max(plan.params["nlist"] * IVF_TRAIN_PER_LIST, 256 * IVF_TRAIN_PER_LIST)
-        index.train(_train_sample(store, modality, size, seed))
+        work.train(_train_sample(store, modality, size, seed))
     for chunk in store.chunks(modality):
-        index.add(chunk)
-    return index
+        work.add(chunk)
+    return index if work is index else faiss.index_gpu_to_cpu(work)
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over queries of |found ∩ truth| / k (recall@k of an approximate top-k against the exact one)."""
+def recall(found: np.ndarray, truth: np.ndarray, found_scores: np.ndarray | None = None,
+           truth_scores: np.ndarray | None = None) -> float:
+    """Mean over queries of |found ∩ truth| / k (recall@k of an approximate top-k against the exact one).
+
+    With the exact scores of both (`found_scores` [Q, k] of the found ids, `truth_scores` [Q, k]), a found id whose
+    exact score ties the k-th true score counts too: with duplicate embeddings (repeated captions) the exact top-k
+    is one arbitrary pick among equals (lowest ids first), and another pick is not a miss."""
     k = truth.shape[1]
-    return float(np.mean([len(set(f[f >= 0]) & set(t)) / k for f, t in zip(found, truth)]))
+    if found_scores is None or truth_scores is None:
+        return float(np.mean([len(set(f[f >= 0]) & set(t)) / k for f, t in zip(found, truth)]))
+    kth = truth_scores[:, -1:]
+    tol = 1e-5 * np.maximum(1.0, np.abs(kth))
+    ties = ((found >= 0) & (found_scores >= kth - tol)).sum(1)
+    same_ids = np.array([len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth)])
+    return float(np.mean(np.minimum(np.maximum(ties, same_ids), k) / k))
+
+
+def exact_scores(store: EmbeddingStore, modality: str, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[Q, k] inner products of each query with its found ids' stored embeddings (as exact_topk computes them);
+    -inf where an id is -1."""
+    out = np.full(ids.shape, -np.inf, np.float32)
+    for q, row in enumerate(ids):
+        ok = row >= 0
+        if ok.any():
+            out[q, ok] = store.rows(modality, row[ok]) @ np.asarray(queries[q], dtype=np.float32)
+    return out
 
 
 def _held_out_queries(store: EmbeddingStore, modality: str, n: int, seed: int) -> np.ndarray:
@@ -117,7 +169,7 @@ def _held_out_queries(store: EmbeddingStore, modality: str, n: int, seed: int) -
 
 
 def tune(index, plan: IndexPlan, store: EmbeddingStore, modality: str, queries: np.ndarray, truth: np.ndarray,
-         rerank: int) -> Dict[str, Any]:
+         rerank: int, truth_scores: np.ndarray | None = None) -> Dict[str, Any]:
     """Picks nprobe (IVF) or efSearch (HNSW): the smallest whose recall@10 is within 0.01 of the best tried."""
     import faiss
 
@@ -137,7 +189,8 @@ def tune(index, plan: IndexPlan, store: EmbeddingStore, modality: str, queries: 
         t0 = time.perf_counter()
         _, ids = faiss_search(index, queries, k, rerank, store, modality)
         ms = 1000 * (time.perf_counter() - t0) / len(queries)
-        curve.append({name: v, f"recall@{k}": round(recall(ids, truth), 4), "ms_per_query": round(ms, 4)})
+        got = recall(ids, truth, exact_scores(store, modality, queries, ids), truth_scores)
+        curve.append({name: v, f"recall@{k}": round(got, 4), "ms_per_query": round(ms, 4)})
     best = max(c[f"recall@{k}"] for c in curve)
     chosen = next(c for c in curve if c[f"recall@{k}"] >= best - 0.01)
     return {"params": {name: chosen[name]}, "curve": curve}
@@ -163,8 +216,8 @@ def build_one(store: EmbeddingStore, modality: str, settings: BuildSettings, out
     build_s = time.perf_counter() - t0
     queries = _held_out_queries(store, modality, settings.queries, settings.seed)
     k = min(RECALL_K, store.count)
-    _, truth = exact_topk(store, modality, queries, k)
-    tuned = tune(index, plan, store, modality, queries, truth, rerank)
+    truth_scores, truth = exact_topk(store, modality, queries, k)
+    tuned = tune(index, plan, store, modality, queries, truth, rerank, truth_scores)
     for name, value in tuned["params"].items():
         if name == "nprobe":
             faiss.extract_index_ivf(index).nprobe = value
@@ -173,7 +226,8 @@ def build_one(store: EmbeddingStore, modality: str, settings: BuildSettings, out
     t1 = time.perf_counter()
     _, found = faiss_search(index, queries, k, rerank, store, modality)
     query_ms = 1000 * (time.perf_counter() - t1) / max(1, len(queries))
-    raw_recall = recall(faiss_search(index, queries, k, 1, None, modality)[1], truth)
+    raw = faiss_search(index, queries, k, 1, None, modality)[1]
+    raw_recall = recall(raw, truth, exact_scores(store, modality, queries, raw), truth_scores)
     path = out / f"{modality}.index"
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(tmp))
@@ -181,7 +235,7 @@ def build_one(store: EmbeddingStore, modality: str, settings: BuildSettings, out
     return {"kind": plan.kind, "factory": plan.factory, "file": path.name, "count": int(index.ntotal),
             "params": tuned["params"], "rerank": rerank, "estimated_bytes": plan.memory,
             "size_bytes": path.stat().st_size, "build_s": round(build_s, 3),
-            f"recall@{k}": round(recall(found, truth), 4),
+            f"recall@{k}": round(recall(found, truth, exact_scores(store, modality, queries, found), truth_scores), 4),
             f"recall@{k}_without_rerank": round(raw_recall, 4), "query_ms": round(query_ms, 4),
             "held_out_queries": len(queries), "tuning": tuned["curve"]}
 
