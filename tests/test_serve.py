@@ -133,6 +133,18 @@ def test_knn_service_equals_exact_search(env):
     assert "shard" not in first and "offset" not in first  # server paths stay private
 
 
+def test_knn_returns_num_result_ids_with_metadata_for_the_first_num_images(env):
+    """clip-back's shape, which clip-retrieval's front relies on: every one of the num_result_ids results comes back
+    (the front pages through them), the first num_images with their metadata, the rest as {id, similarity}."""
+    r = requests.post(env["url"] + "/knn-service", json={"text": "a synthetic photo number 3", "num_images": 4,
+                                                          "num_result_ids": 12, "deduplicate": False})
+    res = r.json()
+    assert r.status_code == 200 and len(res) == 12
+    assert all("caption" in x and "url" in x for x in res[:4]) and all(set(x) == {"id", "similarity"} for x in res[4:])
+    qvec = _ref_text(env["loaded"], ["a synthetic photo number 3"])[0]
+    assert [x["id"] for x in res] == _exact(env, "image", qvec, 12)[0].tolist()
+
+
 def test_deduplicate_drops_near_identical_results(env):
     r = requests.post(env["url"] + "/knn-service", json={"text": "x", "num_images": 30, "deduplicate": True})
     kept = r.json()
@@ -174,6 +186,9 @@ def test_metadata_indices_and_images(env):
     meta = r.json()
     keys = env["shards"].good_keys
     assert [m["id"] for m in meta] == [3, 0] and meta[0]["metadata"]["key"] == keys[3]
+    # clip-retrieval's front asks for the metadata of no ids when its first page already has all of it (was a 500)
+    r = requests.post(env["url"] + "/metadata", json={"ids": [], "indice_name": "index"})
+    assert r.status_code == 200 and r.json() == []
     from clipkit.data.tar_stream import iter_shard
 
     raw = {x["__key__"]: x for p in env["shards"].paths for x in iter_shard(p)}

@@ -19,7 +19,7 @@ class ServeConfig:
     max_inputs: int = 256  # inputs per /v1/embeddings request
     max_text_chars: int = 2000  # characters per text input (the tokenizer keeps the first context_length tokens)
     max_image_pixels: int = min(DEFAULT_MAX_PIXELS, 40_000_000)  # from the header, before decoding
-    max_results: int = 1000  # num_images / num_result_ids / ids per request
+    max_results: int = 10000  # num_images / num_result_ids / ids per request (clip-retrieval's front asks 3000)
     allow_url_fetch: bool = False  # image_url inputs: fetched through the data-prep SSRF guard when on
     allow_private_network: bool = False  # with allow_url_fetch: let URLs reach loopback/private addresses
     fetch_timeout: float = 10.0

@@ -67,7 +67,8 @@ def result_url(svc, request: Request, i: int, meta: Dict[str, Any]) -> str:
     return f"{str(request.base_url).rstrip('/')}/images/{i}"
 
 
-@router.post("/knn-service", response_model=List[KnnResult], openapi_extra=openapi_body(KnnRequest))
+@router.post("/knn-service", response_model=List[KnnResult], response_model_exclude_none=True,
+             openapi_extra=openapi_body(KnnRequest))
 async def knn_service(request: Request, req: KnnRequest = Depends(json_body(KnnRequest))) -> List[Dict[str, Any]]:
     svc = request.app.state.service
     _check_indice(svc, req.indice_name)
@@ -81,12 +82,18 @@ async def knn_service(request: Request, req: KnnRequest = Depends(json_body(KnnR
     if req.deduplicate and len(ids):
         keep = dedup(ids, svc.embeddings(req.modality, ids))
         scores, ids = scores[keep], ids[keep]
-    scores, ids = scores[:num_images], ids[:num_images]
-    metas = svc.metadata([int(i) for i in ids])
+    # As clip-back: every one of the num_result_ids results (after deduplication) comes back, the first num_images
+    # with their metadata, the rest as {id, similarity}; clip-retrieval's front asks /metadata for those as the
+    # user scrolls.
+    metas = svc.metadata([int(i) for i in ids[:num_images]])
     out = []
-    for i, s, meta in zip(ids, scores, metas):
-        meta["url"] = result_url(svc, request, int(i), meta)
-        out.append({**meta, "id": int(i), "similarity": float(s)})
+    for n, (i, s) in enumerate(zip(ids, scores)):
+        if n < len(metas):
+            meta = metas[n]
+            meta["url"] = result_url(svc, request, int(i), meta)
+            out.append({**meta, "id": int(i), "similarity": float(s)})
+        else:
+            out.append({"id": int(i), "similarity": float(s)})
     return out
 
 

@@ -64,6 +64,8 @@ class Service:
 
     def metadata(self, ids: Sequence[int]) -> List[Dict[str, Any]]:
         """The public metadata columns of `ids` (known to be valid)."""
+        if len(ids) == 0:  # pyarrow cannot take an empty (untyped) list; clip-retrieval's front asks for none
+            return []
         rows = self._metadata.select(self._columns).take(list(ids)).to_pylist()
         return [{k: v for k, v in r.items() if v is not None} for r in rows]
 
