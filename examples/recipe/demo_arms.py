@@ -86,7 +86,6 @@ def run_arm(a, name: str, flags: str, data: dict, out: Path) -> int:
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
     return 0
-    return 0
 
 
 if __name__ == "__main__":
