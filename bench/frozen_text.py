@@ -285,6 +285,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    a.work = str(Path(a.work).resolve())  # the peer runs in its own run dir: every path it gets must be absolute
     arms = [] if a.arms == "none" else [x for x in a.arms.split(",") if x]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
