@@ -113,7 +113,7 @@ def create_model(
         lock_image_freeze_bn_stats: bool = False,
         init_logit_scale: float | None = None,
         hf_text_model_id: str | None = None,
-        frozen_text_dropout: bool = True,
+        frozen_text_dropout: bool = False,
         lock_text_freeze_layer_norm: bool = True,
 ):
     """Builds a trainable open_clip model from a config name or JSON path.
@@ -128,9 +128,9 @@ def create_model(
     `hf_text_model`: the tower is built from a Hugging Face cache entry of its hub id (`hf_text_model_id`, or
     inferred: `clipkit.hf_text.hub_id_of`) staged in `config_dir/hf_cache` as symlinks to that directory, so the
     returned `model_cfg` names the hub id in its path and `export_open_clip` records the id, not this machine's path.
-    `frozen_text_dropout` (with `lock_text`): False pins the frozen tower in eval mode (no dropout, whatever
-    `model.train()` is called); True lets it follow the model's mode. `lock_text_freeze_layer_norm=False` leaves the
-    frozen HF tower's LayerNorm gains and biases trainable (open_clip_train's default).
+    `frozen_text_dropout` (with `lock_text`): False (the default) pins the frozen tower in eval mode (no dropout,
+    whatever `model.train()` is called); True lets it follow the model's mode. `lock_text_freeze_layer_norm=False`
+    leaves the frozen HF tower's LayerNorm gains and biases trainable (open_clip_train's default).
     """
     import tempfile
 

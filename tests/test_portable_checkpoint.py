@@ -178,10 +178,10 @@ def test_fingerprint_names_the_tower_not_its_path(tmp_path):
     run = TrainConfig(train_data="x.tar", hf_text_model=str(a), lock_text=True)
     fp_a, fp_b = (fingerprint(c, run, 1, ["x.tar"]) for c in (cfg_a, cfg_b))
     assert fp_a == fp_b and fp_a["model_cfg"]["text_cfg"]["hf_model_name"] == HUB_ID
-    assert fp_a["frozen_text_dropout"] is True
-    off = fingerprint(cfg_a, TrainConfig(train_data="x.tar", hf_text_model=str(a), lock_text=True,
-                                         frozen_text_dropout=False), 1, ["x.tar"])
-    assert off != fp_a
+    assert fp_a["frozen_text_dropout"] is False  # the default: the frozen tower in eval mode
+    on = fingerprint(cfg_a, TrainConfig(train_data="x.tar", hf_text_model=str(a), lock_text=True,
+                                        frozen_text_dropout=True), 1, ["x.tar"])
+    assert on != fp_a
     assert portable_model_cfg({"text_cfg": {"hf_model_name": HUB_ID}}) == {"text_cfg": {"hf_model_name": HUB_ID}}
 
 

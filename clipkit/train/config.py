@@ -32,9 +32,10 @@ class TrainConfig:
                                             "sentence-transformers/all-MiniLM-L6-v2; default: the id the dir's model "
                                             "card loads, else config.json's _name_or_path): final/ then loads on any "
                                             "machine, see README 'Pretrained text towers'")
-    frozen_text_dropout: bool = _f(True, "with --lock-text: the frozen tower trains in train mode, its dropout on "
-                                         "(as open_clip_train); --no-frozen-text-dropout pins it in eval mode. The "
-                                         "exported model is in eval mode either way")
+    frozen_text_dropout: bool = _f(False, "with --lock-text: the frozen tower trains in train mode, its dropout on "
+                                          "(as open_clip_train); the default pins it in eval mode, which measured "
+                                          "as accurate or more and faster (BENCHMARKS.md 'Frozen pretrained text "
+                                          "tower'). The exported model is in eval mode either way")
     lock_text_freeze_layer_norm: bool = _f(True, "with --lock-text and an --hf-text-model: freeze the tower's "
                                                  "LayerNorm gains and biases too; --no-lock-text-freeze-layer-norm "
                                                  "trains them (open_clip_train's default)")
