@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,13 +53,14 @@ def caption_ids_from_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """[B] int64 caption ids for duplicate masking: equal for rows with the same token ids, else (almost) never.
 
     tokens: [B, L] integer token ids (any device; read on the CPU). Each row's id is an 8-byte BLAKE2b digest of its
-    int64 values, stable across processes and runs (so a queue's ids stay comparable after a resume); two different
-    captions collide with probability ~2^-64. Returns a CPU tensor.
+    int64 values without trailing zeros (pad id 0), stable across processes and runs (so a queue's ids stay comparable
+    after a resume) and across pad widths (`clipkit.text_padding` cuts each rank's batch at its own longest caption);
+    two different captions collide with probability ~2^-64. Returns a CPU tensor.
     """
     if tokens.ndim != 2 or tokens.dtype.is_floating_point:
         raise ValueError(f"tokens must be [B, L] integer token ids, got {tokens.dtype} of shape {tuple(tokens.shape)}")
     rows = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
-    digests = [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows]
+    digests = [hashlib.blake2b(np.trim_zeros(row, "b").tobytes(), digest_size=8).digest() for row in rows]
     return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
 
 

@@ -102,6 +102,10 @@ class TrainConfig:
     threads: int | None = _f(None, "intra-op CPU threads per process (default: OMP_NUM_THREADS if you set it, else "
                                    "the node's physical cores / processes on the node)")
     compile: bool = _f(False, "torch.compile each tower (regional: one compiled transformer block, reused)")
+    trim_text_padding: bool = _f(True, "cut each text batch at its longest caption (rounded up to 8 tokens) before the "
+                                       "text tower: the same features and gradients for less compute, where the "
+                                       "tower qualifies (clipkit.text_padding); tflops/mfu still count the full "
+                                       "context")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (open_clip's set_grad_checkpointing): less "
                                          "memory for large per-GPU batches, ~30%% more compute")
     peak_tflops: float | None = _f(None, "peak dense TFLOP/s of one device for the mfu column of metrics.jsonl "

@@ -22,6 +22,7 @@ from clipkit.data import GOOD_REASONS, REASONS, DataPosition, SampleExtras, buil
 from clipkit.data import default_stall_samples as stall_samples
 from clipkit.losses import build_loss
 from clipkit.models import create_model, export_open_clip, preprocess_cfg_of
+from clipkit.text_padding import enable_short_text, trim_padding
 from clipkit.train import checkpoint as ckpt
 from clipkit.train.accel import is_deepspeed, make_accelerator, zero_stage
 from clipkit.train.config import TrainConfig, save_yaml
@@ -91,6 +92,8 @@ class Trainer:
             model.logit_scale.requires_grad_(False)
         self.preprocess_cfg = preprocess_cfg_of(model)
         self.flops_per_sample = self._train_flops(model)
+        self.short_text = cfg.trim_text_padding and enable_short_text(model, self.tokenizer)
+        log.info("text batches cut at their longest caption: %s", "yes" if self.short_text else "no")
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if cfg.compile:
@@ -280,6 +283,15 @@ class Trainer:
             images = self.normalize(images)
         return images.to(self.image_dtype) if self.image_dtype is not None else images
 
+    def _texts(self, batch: dict) -> torch.Tensor:
+        """The batch's token ids, cut at its longest caption (with its caption negatives) when the model allows."""
+        if not self.short_text:
+            return batch["text"]
+        text, negatives = trim_padding(batch["text"], batch.get("neg_text"))
+        if negatives is not None:
+            batch["neg_text"] = negatives
+        return text
+
     def _all_reduce_step(self, loss_value: torch.Tensor, terms: Dict[str, torch.Tensor],
                          data_status: List[float]) -> List[float]:
         """The step's one collective: [non-finite flag, loss, *loss terms, *next step's data status] summed over
@@ -321,7 +333,7 @@ class Trainer:
         """
         acc, model, ga = self.accelerator, self.model, self.cfg.grad_accum
         dev = acc.device
-        micro = [(self._images(b["image"]), b["text"].to(dev, non_blocking=True)) for b in batches]
+        micro = [(self._images(b["image"]), self._texts(b).to(dev, non_blocking=True)) for b in batches]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step is taken with
         self.grad_norm = None
         terms: Dict[str, torch.Tensor] = {}
