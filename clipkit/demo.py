@@ -82,7 +82,7 @@ def train(args, shards: str, run_dir: Path) -> None:
         "--model", args.model, "--train-data", shards, "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--lr", str(args.lr), "--wd", "0.1", "--warmup", "20",
         "--workers", str(args.workers), "--output-dir", str(run_dir), "--save-every", "100", "--resume", "auto",
-        *text_tower_args(getattr(args, "text_tower", "scratch")), *shlex.split(args.train_args),
+        *text_tower_args(args.text_tower), *shlex.split(args.train_args),
     ]
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -80,7 +80,8 @@ def run_arm(a, name: str, flags: str, data: dict, out: Path) -> int:
     run = out / name
     args = argparse.Namespace(accelerate_config=str(REPO / "train" / "accelerate" / "cpu_zero2.yaml"),
                               processes=a.processes, model=a.model, batch_size=a.batch_size, steps=a.steps,
-                              lr=a.lr, workers=a.workers, train_args=flags + " --no-report")
+                              lr=a.lr, workers=a.workers, text_tower="scratch",  # arms pass their own text flags
+                              train_args=flags + " --no-report")
     t0 = time.time()
     train(args, data["shards"], run)
     wall = time.time() - t0
