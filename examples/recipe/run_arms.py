@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--model", default="clipkit-tiny", help="model config (the issue's arms: clipkit-tiny)")
     p.add_argument("--warmup", type=int, default=None, help="default: 10%% of the steps, at most 100")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
@@ -100,7 +101,7 @@ def run_arm(a, name: str, flags: str, data: dict, out: Path) -> dict:
     """Trains one arm (in this process's children) and evaluates it; returns its results line."""
     steps = steps_of(a, data["samples"])
     run = out / name
-    train = [str(REPO / "train" / "main.py"), "--model", "clipkit-tiny", "--train-data", data["train"],
+    train = [str(REPO / "train" / "main.py"), "--model", a.model, "--train-data", data["train"],
              "--batch-size", str(a.batch_size), "--steps", str(steps), "--lr", str(a.lr), "--wd", "0.1",
              "--warmup", str(a.warmup if a.warmup is not None else min(100, max(1, steps // 10))),
              "--workers", str(a.workers), "--output-dir", str(run), "--save-every", str(max(100, steps // 4)),
@@ -115,8 +116,9 @@ def run_arm(a, name: str, flags: str, data: dict, out: Path) -> dict:
     subprocess.run(cmd, check=True)
     wall = time.time() - t0
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB: the largest training process
-    line = {"arm": name, "flags": flags, "data": a.data, "processes": a.processes, "batch_size": a.batch_size,
-            "steps": steps, "samples_seen": steps * a.batch_size * a.processes, "train_wall_s": round(wall, 1),
+    line = {"arm": name, "model": a.model, "flags": flags, "data": a.data, "processes": a.processes,
+            "batch_size": a.batch_size, "lr": a.lr, "steps": steps, "samples_seen": steps * a.batch_size * a.processes,
+            "train_wall_s": round(wall, 1),
             "peak_rss_mib": round(rss)}
     line.update(evaluate(a, run, data))
     return line
