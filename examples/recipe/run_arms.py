@@ -118,8 +118,7 @@ def run_arm(a, name: str, flags: str, data: dict, out: Path) -> dict:
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB: the largest training process
     line = {"arm": name, "model": a.model, "flags": flags, "data": a.data, "processes": a.processes,
             "batch_size": a.batch_size, "lr": a.lr, "steps": steps, "samples_seen": steps * a.batch_size * a.processes,
-            "train_wall_s": round(wall, 1),
-            "peak_rss_mib": round(rss)}
+            "train_wall_s": round(wall, 1), "peak_rss_mib": round(rss)}
     line.update(evaluate(a, run, data))
     return line
 
