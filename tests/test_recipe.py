@@ -14,7 +14,7 @@ from clipkit.train.config import parse_config
 from clipkit.train.errors import ConfigError
 from clipkit.train.preflight import preflight
 from clipkit.transforms import split_uint8
-from tests._train import final_weights, losses, run_train
+from tests._train import assert_same_weights, final_weights, losses, run_train
 
 EVERYTHING = ["--queue-size", "48", "--momentum", "0.99", "--distill-alpha", "0.4", "--hard-negative-beta", "0.5",
               "--caption-negatives", "2", "--mask-duplicate-captions", "--image-ssl-weight", "1", "--aug-scale",
@@ -118,3 +118,12 @@ def test_export_momentum_writes_the_ema_weights(shards, tmp_path):
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert losses(online) == losses(ema)  # the same training; only the export differs
+    # examples/recipe/export_momentum.py writes the same weights after the fact from the online run's checkpoint
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "export_momentum", Path(__file__).resolve().parents[1] / "examples" / "recipe" / "export_momentum.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(online), str(tmp_path / "after" / "final")]) == 0
+    assert_same_weights(final_weights(tmp_path / "after"), b)

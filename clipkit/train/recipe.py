@@ -33,6 +33,12 @@ STATE_FILE = "recipe.safetensors"
 SSL_HEAD = "ssl_head"  # the SLIP head's attribute on the model: trained with it, left out of the export
 
 
+def state_part(state: Dict[str, torch.Tensor], part: str) -> Dict[str, torch.Tensor]:
+    """The tensors of one part ("queue" or "momentum") of a recipe.safetensors state, with the part's prefix cut."""
+    prefix = f"{part}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def recipe_flags(cfg: TrainConfig) -> Dict[str, Any]:
     """The recipe settings a resume must match (they shape the queue, the momentum model and the loader's extras)."""
     return {"--queue-size": cfg.queue_size, "--momentum": momentum_of(cfg), "--distill-alpha": cfg.distill_alpha,
@@ -181,9 +187,9 @@ class Recipe:
         state = load_file(str(path))
         dev = next(iter(self.state_dict().values())).device
         if self.queue is not None:
-            self.queue.load_state_dict({k[6:]: v.to(dev) for k, v in state.items() if k.startswith("queue.")})
+            self.queue.load_state_dict({k: v.to(dev) for k, v in state_part(state, "queue").items()})
         if self.momentum is not None:
-            self.momentum.load_state_dict({k[9:]: v.to(dev) for k, v in state.items() if k.startswith("momentum.")})
+            self.momentum.load_state_dict({k: v.to(dev) for k, v in state_part(state, "momentum").items()})
 
     def momentum_export(self) -> Dict[str, torch.Tensor]:
         """The EMA weights for `--export-momentum` (the SLIP head left out)."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from clipkit.models import OPEN_CLIP_CONFIG, export_open_clip
 from clipkit.train import checkpoint as ckpt
-from clipkit.train.recipe import STATE_FILE, exportable
+from clipkit.train.recipe import STATE_FILE, exportable, state_part
 
 
 def main(argv=None) -> int:
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     if latest is None:
         sys.exit(f"{a.run}: no complete checkpoint under checkpoints/")
     state = load_file(str(latest / STATE_FILE)) if (latest / STATE_FILE).is_file() else {}
-    weights = {k[len("momentum."):]: v for k, v in state.items() if k.startswith("momentum.")}
+    weights = state_part(state, "momentum")
     if not weights:
         sys.exit(f"{latest}: no momentum model (the run had no --queue-size / --distill-alpha with --momentum > 0)")
     cfg = json.loads((a.run / "final" / OPEN_CLIP_CONFIG).read_text())
