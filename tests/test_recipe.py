@@ -62,6 +62,21 @@ def test_momentum_model_refused_under_zero3(shards, tmp_path, monkeypatch):
     preflight(parse_config(args(shards, tmp_path, 2, "--queue-size", "64", "--momentum", "0")), world_size=2)
 
 
+def test_queue_of_online_features_warns_at_start(caplog):
+    """--momentum 0 collapsed a fresh model on Fashion-MNIST (BENCHMARKS.md): the run says so when it starts."""
+    from clipkit.train.recipe import Recipe
+
+    net = torch.nn.Linear(4, 4)
+    with caplog.at_level("WARNING", logger="clipkit.train"):
+        Recipe(parse_config(["--train-data", "x.tar", "--queue-size", "64", "--momentum", "0.995"]), net, 4,
+               torch.device("cpu"))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="clipkit.train"):
+        Recipe(parse_config(["--train-data", "x.tar", "--queue-size", "64", "--momentum", "0"]), net, 4,
+               torch.device("cpu"))
+    assert len(caplog.records) == 1 and "collapsed" in caplog.records[0].getMessage()
+
+
 def test_loader_extras_are_seeded_views_and_caption_negatives(shards, tokenizer):
     """Two SimCLR views per image and N tokenised caption negatives per sample; the same batches on a rebuild."""
     import open_clip

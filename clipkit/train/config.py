@@ -81,7 +81,8 @@ class TrainConfig:
     queue_size: int = _f(0, "image and text queues of this many features each, extra negatives in both directions "
                             "(MoCo/ALBEF; 0 = off)")
     momentum: float | None = _f(None, "EMA momentum of the key encoder for the queue and distillation (default 0.995 "
-                                      "when either is on; 0 = the online model's detached features)")
+                                      "when either is on; 0 = the online model's detached features, which collapsed a "
+                                      "fresh model: README)")
     distill_alpha: float = _f(0.0, "ALBEF's momentum distillation weight alpha (0 = off; ALBEF: 0.4)")
     hard_negative_beta: float = _f(0.0, "HN-NCE's hard-negative weighting beta (0 = plain InfoNCE)")
     caption_negatives: int = _f(0, "structured negatives per caption (word-order and attribute swaps), extra "

@@ -131,8 +131,9 @@ def _check_zero3(cfg: TrainConfig) -> None:
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
     if stage.strip() == "3" and (cfg.queue_size or cfg.distill_alpha) and momentum_of(cfg) > 0:
         raise ConfigError("a momentum model (--queue-size / --distill-alpha with --momentum > 0) is not supported "
-                          "under ZeRO-3, which partitions the weights it averages: use ZeRO 0-2, or --momentum 0 "
-                          "(the queue then holds the online model's features)")
+                          "under ZeRO-3, which partitions the weights it averages: use ZeRO 0-2 (--momentum 0 runs "
+                          "under ZeRO-3, but its queue of the online model's own features collapsed a fresh model "
+                          "in BENCHMARKS.md's runs)")
 
 
 def _batch_text(cfg: TrainConfig, world: int) -> str:

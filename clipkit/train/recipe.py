@@ -19,6 +19,7 @@ its state goes into each checkpoint as recipe.safetensors (the same on every ran
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -28,6 +29,8 @@ from torch import nn
 
 from clipkit.losses import FeatureQueue, NTXentLoss, SimCLRHead, caption_ids_from_tokens, itc_distillation_loss
 from clipkit.train.config import TrainConfig
+
+log = logging.getLogger("clipkit.train")
 
 STATE_FILE = "recipe.safetensors"
 SSL_HEAD = "ssl_head"  # the SLIP head's attribute on the model: trained with it, left out of the export
@@ -83,6 +86,10 @@ class Recipe:
         if self.momentum is not None and self.momentum.model is not None:
             self.momentum.model.to(device)
         self.queue = None
+        if cfg.queue_size and momentum_of(cfg) == 0:
+            log.warning("--queue-size %d with --momentum 0: the queue holds the online model's own features from the "
+                        "first step; a fresh model collapsed this way on Fashion-MNIST (as MoCo reports for m = 0; "
+                        "BENCHMARKS.md 'Fashion-MNIST arms'): prefer --momentum 0.995", cfg.queue_size)
         if cfg.queue_size:
             self.queue = FeatureQueue(cfg.queue_size, embed_dim, device=device,
                                       track_caption_ids=cfg.mask_duplicate_captions)
