@@ -118,16 +118,16 @@ def _steady(step_times: list[float], data_times: list[float], batch: int, skip: 
             "step_times": kept}
 
 
-LAUNCHES = ("python", "accelerate", "zero2")  # how ours is started (see --ours-launch)
+LAUNCHES = ("python", "accelerate", "zero2", "zero0")  # how ours is started (see --ours-launch)
 
 
 def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict:
     """launch: "python" (python train/main.py), "accelerate" (`accelerate launch --num_processes 1` with no config
     file, as a new user types it), "zero2" (README's 2-process ZeRO-2 command, each process half the batch, so the
-    global batch is the peer's)."""
+    global batch is the peer's), "zero0" (the same with train/accelerate/cpu_zero0.yaml)."""
     out = work / f"ours-{launch}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
-    per_process = a.batch_size // 2 if launch == "zero2" else a.batch_size
+    per_process = a.batch_size // 2 if launch in ("zero2", "zero0") else a.batch_size
     flags = ["--model", a.model, "--train-data", spec, "--batch-size", str(per_process), "--steps", str(a.steps),
              "--workers", str(a.workers), "--precision", a.precision, "--lr", "5e-4", "--wd", "0.2", "--warmup", "10",
              "--grad-clip", "1.0", "--seed", "0", "--output-dir", str(out), "--no-tensorboard", "--no-progress",
@@ -138,9 +138,9 @@ def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict
                "--num_processes", "1", "--num_machines", "1", main_py, *flags]
     elif launch == "accelerate":
         cmd = [a.python, "-m", "accelerate.commands.launch", "--num_processes", "1", main_py, *flags]
-    elif launch == "zero2":
+    elif launch in ("zero2", "zero0"):
         cmd = [a.python, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "train" / "accelerate" / "cpu_zero2.yaml"), "--num_processes", "2", main_py, *flags]
+               str(REPO / "train" / "accelerate" / f"cpu_{launch}.yaml"), "--num_processes", "2", main_py, *flags]
     else:
         cmd = [a.python, main_py, *flags]
     wall, cpu = _run(cmd, _env(a.ours_env), REPO, work / f"ours-{tag}.log", a.timeout)
