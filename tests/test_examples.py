@@ -30,3 +30,25 @@ def test_fashion_mnist_example_runs_its_default_recipe(tmp_path):
         metrics = json.loads((out / "results" / f"{name}.json").read_text())["metrics"]
         assert 0.0 <= metrics["acc1"] <= 1.0, name
     assert "zeroshot_classification" in (out / "results" / "all.md").read_text()
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_recipe_arms_script_writes_one_results_line_per_arm(tmp_path):
+    """examples/recipe/run_arms.py (BENCHMARKS.md's arm tables) at smoke size: each arm trains with its flags and
+    gets a results line; an arm already done is skipped on a rerun."""
+    cmd = [sys.executable, str(REPO / "examples" / "recipe" / "run_arms.py"), "--data", "fashion-mnist", "--out",
+           str(tmp_path), "--samples", "2000", "--steps", "3", "--batch-size", "16", "--max-eval", "200",
+           "--no-probe", "--processes", "1", "--arms", "plain,queue4096"]
+    for _ in range(2):
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [x["arm"] for x in lines] == ["plain", "queue4096"]
+    assert lines[1]["flags"] == "--queue-size 4096 --momentum 0.995"
+    for x in lines:
+        assert x["steps"] == 3 and x["samples_seen"] == 48 and x["train_wall_s"] > 0 and x["peak_rss_mib"] > 0
+        assert 0.0 <= x["test/acc1"] <= 1.0
+    queue_fill = [json.loads(x).get("queue_fill") for x in (tmp_path / "queue4096" / "metrics.jsonl").read_text()
+                  .splitlines()]
+    assert any(f is not None and f > 0 for f in queue_fill)
+    assert "done already" in done.stdout
