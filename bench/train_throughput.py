@@ -119,6 +119,7 @@ def _steady(step_times: list[float], data_times: list[float], batch: int, skip: 
 
 
 LAUNCHES = ("python", "accelerate", "zero2", "zero0")  # how ours is started (see --ours-launch)
+TWO_PROCESS = ("zero2", "zero0")  # the launches with 2 processes on the node, train/accelerate/cpu_<launch>.yaml
 
 
 def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict:
@@ -127,7 +128,7 @@ def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict
     global batch is the peer's), "zero0" (the same with train/accelerate/cpu_zero0.yaml)."""
     out = work / f"ours-{launch}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
-    per_process = a.batch_size // 2 if launch in ("zero2", "zero0") else a.batch_size
+    per_process = a.batch_size // 2 if launch in TWO_PROCESS else a.batch_size
     flags = ["--model", a.model, "--train-data", spec, "--batch-size", str(per_process), "--steps", str(a.steps),
              "--workers", str(a.workers), "--precision", a.precision, "--lr", "5e-4", "--wd", "0.2", "--warmup", "10",
              "--grad-clip", "1.0", "--seed", "0", "--output-dir", str(out), "--no-tensorboard", "--no-progress",
@@ -138,7 +139,7 @@ def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict
                "--num_processes", "1", "--num_machines", "1", main_py, *flags]
     elif launch == "accelerate":
         cmd = [a.python, "-m", "accelerate.commands.launch", "--num_processes", "1", main_py, *flags]
-    elif launch in ("zero2", "zero0"):
+    elif launch in TWO_PROCESS:
         cmd = [a.python, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "train" / "accelerate" / f"cpu_{launch}.yaml"), "--num_processes", "2", main_py, *flags]
     else:

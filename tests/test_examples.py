@@ -1,5 +1,6 @@
-"""examples/fashion_mnist/run.sh end to end at smoke size: its defaults (the recipe BENCHMARKS.md measured best:
-clipkit-tiny-conv against the frozen MiniLM tower) train, and the four evaluations write their results."""
+"""The example scripts at smoke size: examples/fashion_mnist/run.sh end to end (its defaults, the recipe BENCHMARKS.md
+measured best: clipkit-tiny-conv against the frozen MiniLM tower, train, and the four evaluations write their
+results) and examples/recipe/run_arms.py (one results line per arm)."""
 
 import importlib.util
 import json

@@ -86,11 +86,11 @@ class Recipe:
         if self.momentum is not None and self.momentum.model is not None:
             self.momentum.model.to(device)
         self.queue = None
-        if cfg.queue_size and momentum_of(cfg) == 0:
-            log.warning("--queue-size %d with --momentum 0: the queue holds the online model's own features from the "
-                        "first step; a fresh model collapsed this way on Fashion-MNIST (as MoCo reports for m = 0; "
-                        "BENCHMARKS.md 'Fashion-MNIST arms'): prefer --momentum 0.995", cfg.queue_size)
         if cfg.queue_size:
+            if self.momentum.momentum == 0:
+                log.warning("--queue-size %d with --momentum 0: the queue holds the online model's own features from "
+                            "the first step; a fresh model collapsed this way on Fashion-MNIST (as MoCo reports for "
+                            "m = 0; BENCHMARKS.md 'Fashion-MNIST arms'): prefer --momentum 0.995", cfg.queue_size)
             self.queue = FeatureQueue(cfg.queue_size, embed_dim, device=device,
                                       track_caption_ids=cfg.mask_duplicate_captions)
         self.ssl = NTXentLoss(cfg.ssl_temperature) if cfg.image_ssl_weight else None
