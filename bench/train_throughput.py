@@ -125,14 +125,17 @@ TWO_PROCESS = ("zero2", "zero0")  # the launches with 2 processes on the node, t
 def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict:
     """launch: "python" (python train/main.py), "accelerate" (`accelerate launch --num_processes 1` with no config
     file, as a new user types it), "zero2" (README's 2-process ZeRO-2 command, each process half the batch, so the
-    global batch is the peer's), "zero0" (the same with train/accelerate/cpu_zero0.yaml)."""
-    out = work / f"ours-{launch}-{tag}"
+    global batch is the peer's), "zero0" (the same with train/accelerate/cpu_zero0.yaml). "LAUNCH:FLAG" adds
+    train/main.py's --FLAG to that launch (e.g. "python:no-malloc-tuning"), so one run compares both."""
+    launch, _, variant = launch.partition(":")
+    extra = [f"--{variant}"] if variant else []
+    out = work / f"ours-{launch}{'-' + variant if variant else ''}-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     per_process = a.batch_size // 2 if launch in TWO_PROCESS else a.batch_size
     flags = ["--model", a.model, "--train-data", spec, "--batch-size", str(per_process), "--steps", str(a.steps),
              "--workers", str(a.workers), "--precision", a.precision, "--lr", "5e-4", "--wd", "0.2", "--warmup", "10",
              "--grad-clip", "1.0", "--seed", "0", "--output-dir", str(out), "--no-tensorboard", "--no-progress",
-             "--no-report", "--log-every", "1", *a.ours_flag]
+             "--no-report", "--log-every", "1", *a.ours_flag, *extra]
     main_py = str(REPO / "train" / "main.py")
     if a.accelerate_config:
         cmd = [a.python, "-m", "accelerate.commands.launch", "--config_file", a.accelerate_config,
@@ -144,7 +147,7 @@ def run_ours(a, spec: str, work: Path, tag: str, launch: str = "python") -> dict
                str(REPO / "train" / "accelerate" / f"cpu_{launch}.yaml"), "--num_processes", "2", main_py, *flags]
     else:
         cmd = [a.python, main_py, *flags]
-    wall, cpu = _run(cmd, _env(a.ours_env), REPO, work / f"ours-{tag}.log", a.timeout)
+    wall, cpu = _run(cmd, _env(a.ours_env), REPO, out.with_suffix(".log"), a.timeout)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     recs = [r for r in recs if "step_time" in r]
     res = _steady([r["step_time"] for r in recs], [r["data_time"] for r in recs], a.batch_size, a.skip)
@@ -277,7 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--accelerate-config", default=None,
                    help="run ours under `accelerate launch --num_processes 1` with this config (default: plain python)")
     p.add_argument("--ours-launch", default="python",
-                   help=f"how ours starts, several joined with ',': {', '.join(LAUNCHES)} (see run_ours)")
+                   help=f"how ours starts, several joined with ',': {', '.join(LAUNCHES)}; LAUNCH:FLAG adds "
+                   "train/main.py's --FLAG to one of them (see run_ours)")
     p.add_argument("--ours-flag", action="append", default=[], help="one more train/main.py argument (repeatable)")
     p.add_argument("--python", default=sys.executable, help="python for ours")
     p.add_argument("--peer-python", default=str(PEER_PYTHON), help="python with open_clip_torch[training] 3.3")
@@ -317,10 +321,10 @@ def main(argv=None) -> int:
         if a.flops or cuda:
             result["flops_per_sample"] = flops_per_sample(a.model)
         launches = [x for x in a.ours_launch.split(",") if x]
-        unknown = sorted(set(launches) - set(LAUNCHES))
+        unknown = sorted({x.partition(":")[0] for x in launches} - set(LAUNCHES))
         if unknown:
             raise SystemExit(f"error: --ours-launch {unknown}: not one of {', '.join(LAUNCHES)}")
-        ours = {x: "ours" if launches == ["python"] else f"ours_{x}" for x in launches}
+        ours = {x: "ours" if launches == ["python"] else f"ours_{x.replace(':', '_')}" for x in launches}
         runs = {name: [] for name in ours.values()}
         peers = [p for p in a.peer_precision.split(",") if p]
         for p in peers:

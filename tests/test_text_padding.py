@@ -10,9 +10,8 @@ import torch
 
 from clipkit.losses import caption_ids_from_tokens
 from clipkit.models import create_model, export_open_clip, load_open_clip, preprocess_cfg_of
-from clipkit.synthetic import write_train_shards
 from clipkit.text_padding import ShortTextCLIP, enable_short_text, trim_padding, trimmed_length
-from tests._train import losses, run_train
+from tests._train import assert_same_losses_without
 
 CAPTIONS = ["a red star", "a drawing of a square coloured blue on a plain background", "one cross", "x"]
 
@@ -123,16 +122,4 @@ def test_export_of_a_short_text_model_is_plain_open_clip(tmp_path):
 
 
 def test_training_losses_equal_with_and_without_the_cut(tmp_path):
-    d = tmp_path / "shards"
-    paths = write_train_shards(d, n=2 * 32, per_shard=32, seed=0, size=32)
-    shards = f"{d}/{{00000..{len(paths) - 1:05d}}}.tar"
-    runs = {}
-    for name, flag in (("cut", []), ("full", ["--no-trim-text-padding"])):
-        out = tmp_path / name
-        proc = run_train(["--model", "clipkit-tiny", "--train-data", shards, "--batch-size", "16", "--steps", "6",
-                          "--lr", "1e-3", "--warmup", "2", "--output-dir", str(out), *flag])
-        runs[name] = losses(out)
-        assert f"longest caption: {'yes' if name == 'cut' else 'no'}" in proc.stdout + proc.stderr
-    assert sorted(runs["cut"]) == list(range(1, 7))
-    for step, value in runs["full"].items():
-        assert abs(runs["cut"][step] - value) <= 1e-5 * max(1.0, abs(value)), (step, runs["cut"][step], value)
+    assert_same_losses_without(tmp_path, "--no-trim-text-padding", "text batches cut at their longest caption: yes")

@@ -102,6 +102,12 @@ class TrainConfig:
     seed: int = _f(0, "random seed (model init, data order)")
     threads: int | None = _f(None, "intra-op CPU threads per process (default: OMP_NUM_THREADS if you set it, else "
                                    "the node's physical cores / processes on the node)")
+    packed_attention: bool = _f(True, "run open_clip's transformer blocks' self-attention as one packed q/k/v "
+                                      "projection + scaled_dot_product_attention instead of nn.MultiheadAttention: the "
+                                      "same function and parameters without its layout copies (clipkit.fast_attention)")
+    malloc_tuning: bool = _f(True, "keep freed memory for the next step (glibc mallopt: no mmap'd blocks, 1 GiB trim "
+                                   "threshold) instead of re-faulting it each step; off when you preloaded another "
+                                   "allocator or set MALLOC_*_ / GLIBC_TUNABLES (clipkit.train.allocator)")
     compile: bool = _f(False, "torch.compile each tower (regional: one compiled transformer block, reused)")
     trim_text_padding: bool = _f(True, "cut each text batch at its longest caption (rounded up to 8 tokens) before the "
                                        "text tower: the same features and gradients for less compute, where the "

@@ -20,11 +20,13 @@ import torch
 from clipkit import distributed as dist
 from clipkit.data import GOOD_REASONS, REASONS, DataPosition, SampleExtras, build_train_loader, count_samples
 from clipkit.data import default_stall_samples as stall_samples
+from clipkit.fast_attention import pack_attention
 from clipkit.losses import build_loss
 from clipkit.models import create_model, export_open_clip, preprocess_cfg_of
 from clipkit.text_padding import enable_short_text, trim_padding
 from clipkit.train import checkpoint as ckpt
 from clipkit.train.accel import is_deepspeed, make_accelerator, zero_stage
+from clipkit.train.allocator import tune_malloc
 from clipkit.train.config import TrainConfig, save_yaml
 from clipkit.train.errors import DataError, NonFiniteError
 from clipkit.train.faults import Faults
@@ -69,11 +71,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, pre: Preflight | None = None):
         self.cfg = cfg
         threads = apply_threads(cfg.threads)
+        malloc = tune_malloc(cfg.malloc_tuning)
         pre = pre or preflight(cfg)
         self.accelerator = make_accelerator(cfg)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         log.info("rank %d: %s", self.rank, threads)
+        log.info("rank %d: %s", self.rank, malloc)
         self.faults = Faults.from_env()
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,8 @@ class Trainer:
         self.flops_per_sample = self._train_flops(model)
         self.short_text = cfg.trim_text_padding and enable_short_text(model, self.tokenizer)
         log.info("text batches cut at their longest caption: %s", "yes" if self.short_text else "no")
+        if cfg.packed_attention:
+            log.info("self-attention packed in %d transformer block(s) (clipkit.fast_attention)", pack_attention(model))
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if cfg.compile:
