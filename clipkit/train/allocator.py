@@ -13,7 +13,7 @@ with the settings below 458-500 -> 418-457 ms per step (three alternating runs e
 The process then holds on to the memory of its peak step (what the next step needs again) rather than returning
 it, as PyTorch's CPU tuning advice gets from jemalloc or tcmalloc. Nothing changes when the user chose an allocator
 (LD_PRELOAD of jemalloc/tcmalloc/mimalloc) or glibc's malloc settings (MALLOC_*_ variables, GLIBC_TUNABLES with
-glibc.malloc), on a libc other than glibc, or with --no-malloc-tuning. Loader workers forked afterwards inherit it.
+glibc.malloc), on a libc other than glibc, or with --no-malloc-tuning.
 """
 
 from __future__ import annotations
