@@ -26,11 +26,9 @@ class PackedSelfAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
         self.num_heads = mha.num_heads
-        self.embed_dim = mha.embed_dim
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
-        self.batch_first = True
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,

@@ -93,9 +93,11 @@ def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], 
     assert worst <= atol, f"final weights differ by {worst}"
 
 
-def assert_same_losses_without(tmp_path, flag: str, log_line: str, steps: int = 6) -> None:
+def assert_same_losses_without(tmp_path, flag: str, log_line: str, off_log_line: str | None = None,
+                               steps: int = 6) -> None:
     """A short clipkit-tiny run (2 shards of 32 at 32 px, batch 16, lr 1e-3) with a default speed-up and one with
-    `flag` turning it off: the log says `log_line` only in the first, and the losses of every step agree to 1e-5."""
+    `flag` turning it off: the log says `log_line` only in the first (and `off_log_line`, if given, in the second),
+    and the losses of every step agree to 1e-5."""
     from clipkit.synthetic import write_train_shards
 
     d = tmp_path / "shards"
@@ -107,7 +109,10 @@ def assert_same_losses_without(tmp_path, flag: str, log_line: str, steps: int = 
         proc = run_train(["--model", "clipkit-tiny", "--train-data", shards, "--batch-size", "16", "--steps",
                           str(steps), "--lr", "1e-3", "--warmup", "2", "--output-dir", str(out), *extra])
         runs[name] = losses(out)
-        assert (log_line in proc.stdout + proc.stderr) == (name == "on"), name
+        log = proc.stdout + proc.stderr
+        assert (log_line in log) == (name == "on"), name
+        if name == "off" and off_log_line is not None:
+            assert off_log_line in log
     assert sorted(runs["on"]) == list(range(1, steps + 1))
     for step, value in runs["off"].items():
         assert abs(runs["on"][step] - value) <= 1e-5 * max(1.0, abs(value)), (step, runs["on"][step], value)
